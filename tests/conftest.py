@@ -1,0 +1,50 @@
+"""Shared fixtures: the embedded tokenizer (loaded once per session) and tiny random models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Never reach for a hub during tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from alignkit.embedded import load_embedded_tokenizer
+
+    return load_embedded_tokenizer()
+
+
+def make_tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                    seed: int = 0, tie: bool = False):
+    """A tiny random Llama causal LM (a few layers, hidden <= 256) for fast tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=512, tie_word_embeddings=tie,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_tiny_llama(len(tokenizer))
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tokenizer):
+    """A tiny random model saved with the embedded tokenizer, as a user's local folder would be."""
+    model = make_tiny_llama(len(tokenizer))
+    path = tmp_path / "tiny-model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
