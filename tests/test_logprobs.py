@@ -1,0 +1,141 @@
+"""ops.logprobs: equal to a naive full log-softmax + gather, gradients included; padding and
+prompt tokens contribute nothing; no (B, T, V) log-softmax tensor is built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from alignkit.ops.logprobs import (
+    CompletionLogProbs,
+    linear_token_logprobs,
+    naive_token_logprobs,
+    sequence_logprobs,
+    token_logprobs,
+)
+
+V = 300
+
+
+def _batch(seed=0, B=4, T=18):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, T), generator=g)
+    attn = torch.ones(B, T, dtype=torch.long)
+    attn[1, 12:] = 0
+    attn[3, 7:] = 0
+    comp = torch.zeros(B, T, dtype=torch.bool)
+    comp[:, 5:] = True
+    comp[2, :9] = False  # a longer prompt
+    comp &= attn.bool()
+    return ids, attn, comp
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_matches_naive_logsoftmax_gather_float64(tie):
+    model = make_tiny_llama(V, tie=tie).double()
+    ids, attn, comp = _batch()
+    lean = token_logprobs(model, ids, attn, comp)
+    naive = naive_token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, comp)
+    torch.testing.assert_close(lean, naive, rtol=0, atol=1e-12)
+
+
+def test_gradients_match_naive_float64():
+    model = make_tiny_llama(V).double()
+    ids, attn, comp = _batch(1)
+    weights = torch.linspace(-1, 2, ids.shape[0], dtype=torch.float64)  # a non-trivial upstream gradient
+
+    def grads(fn):
+        model.zero_grad()
+        total, _, _ = sequence_logprobs(fn(), comp)
+        (total * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    lean = grads(lambda: token_logprobs(model, ids, attn, comp))
+    naive = grads(lambda: naive_token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, comp))
+    for name in lean:
+        torch.testing.assert_close(lean[name], naive[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_chunking_does_not_change_values_or_grads():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, (37,))
+    results = []
+    for chunk in (1, 5, 37, 1000):
+        out = linear_token_logprobs(h, w, b, t, chunk=chunk)
+        gh, gw, gb = torch.autograd.grad((out * torch.arange(37.0, dtype=torch.float64)).sum(), (h, w, b))
+        results.append((out.detach(), gh, gw, gb))
+    naive = torch.log_softmax(h @ w.T + b, -1).gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(results[0][0], naive.detach(), rtol=0, atol=1e-12)
+    for r in results[1:]:
+        for a, e in zip(r, results[0]):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_padding_and_prompt_contribute_nothing():
+    """Changing prompt-masked-out or padded tokens' *targets* changes nothing in the sums,
+    and changing pad tokens after the sequence changes nothing at all (causal + masked)."""
+    model = make_tiny_llama(V).double()
+    ids, attn, comp = _batch(2)
+    out = token_logprobs(model, ids, attn, comp)
+    assert (out[~comp] == 0).all()
+    assert (out[:, 0] == 0).all()
+    ids2 = ids.clone()
+    ids2[attn == 0] = 7  # different padding
+    out2 = token_logprobs(model, ids2, attn, comp)
+    torch.testing.assert_close(out, out2, rtol=0, atol=1e-12)
+    total, mean, lengths = sequence_logprobs(out, comp)
+    expected_len = comp.clone()
+    expected_len[:, 0] = False
+    assert lengths.tolist() == expected_len.sum(-1).tolist()
+    torch.testing.assert_close(mean, total / lengths)
+
+
+def test_sequence_logprobs_sum_is_product_of_token_probs():
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t): compare with step-by-step probabilities."""
+    model = make_tiny_llama(V).double()
+    ids = torch.randint(3, V, (1, 10))
+    attn = torch.ones_like(ids)
+    comp = torch.zeros_like(ids, dtype=torch.bool)
+    comp[0, 4:] = True
+    total, _, _ = sequence_logprobs(token_logprobs(model, ids, attn, comp), comp)
+    expected = 0.0
+    for t in range(4, 10):
+        logits = model(input_ids=ids[:, :t]).logits[0, -1]
+        expected += torch.log_softmax(logits, -1)[ids[0, t]].item()
+    assert total.item() == pytest.approx(expected, abs=1e-10)
+
+
+def test_bf16_autocast_close_to_fp32():
+    model = make_tiny_llama(V)
+    ids, attn, comp = _batch(3)
+    fp32 = token_logprobs(model, ids, attn, comp)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = token_logprobs(model, ids, attn, comp)
+    assert bf16.dtype == torch.float32
+    # bf16 keeps ~3 significant digits: per-token log-probs of ~-5.7 agree to a few 1e-2
+    assert (bf16 - fp32).abs().max() < 0.1
+    assert (bf16 - fp32).abs().max() > 0  # it really ran in bf16
+
+
+def test_module_wrapper_and_peft_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = make_tiny_llama(V).double()
+    ids, attn, comp = _batch(4)
+    expected = token_logprobs(model, ids, attn, comp)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    got = CompletionLogProbs(peft_model)(ids, attn, comp)  # LoRA B starts at zero
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_softcapped_models_fall_back_to_their_own_logits():
+    model = make_tiny_llama(V).double()
+    model.config.final_logit_softcapping = 30.0  # Llama ignores it; our fast path must not assume it
+    ids, attn, comp = _batch(5)
+    out = token_logprobs(model, ids, attn, comp)
+    naive = naive_token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, comp)
+    torch.testing.assert_close(out, naive, rtol=0, atol=1e-12)
