@@ -1,0 +1,108 @@
+"""`alignkit <command>`: build a typed config from flags and --config YAML, call one recipe, exit.
+
+Exit codes (DESIGN.md): 0 done; 2 bad input or config (one message naming file, line and
+field, never a traceback); 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+from .config import SECTIONS, build_config, flatten_yaml
+from .errors import InputError, NonFiniteError
+
+COMMANDS = {"dpo": "direct preference optimisation (DPO, cDPO, IPO, SimPO, DPO-Positive, hinge, robust)"}
+
+
+def _flag_type(annotation: Any):
+    """argparse type and nargs for a pydantic field annotation."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    base = args[0] if get_origin(annotation) is not None and args else annotation
+    if get_origin(base) is list:
+        return str, "+"
+    if get_origin(base) is not None:  # Literal[...]
+        return str, None
+    return (base if base in (int, float) else str), None
+
+
+def _add_fields(parser: argparse.ArgumentParser, command: str) -> None:
+    for section, cls in SECTIONS[command].items():
+        group = parser.add_argument_group(section)
+        for name, info in cls.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            default = "required" if info.is_required() else f"default: {info.default}"
+            help_text = f"{info.description} ({default})"
+            if info.annotation is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                   help=help_text)
+            else:
+                typ, nargs = _flag_type(info.annotation)
+                group.add_argument(flag, type=typ, nargs=nargs, default=argparse.SUPPRESS, help=help_text,
+                                   metavar=name.upper())
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors are bad input too: exit 2, one line
+        raise InputError(message, file="command line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="alignkit", description="Align language models with human preferences.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for command, help_text in COMMANDS.items():
+        p = sub.add_parser(command, help=help_text, description=help_text)
+        p.add_argument("--config", type=Path, default=None, help="YAML file of settings; flags override it")
+        _add_fields(p, command)
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[str, dict]:
+    """(command, validated config sections) from the command line and the --config file."""
+    ns = vars(build_parser().parse_args(argv))
+    command = ns.pop("command")
+    config_file = ns.pop("config", None)
+    values: dict[str, Any] = {}
+    origins: dict[str, tuple[str, int | None]] = {}
+    if config_file is not None:
+        values, lines = flatten_yaml(config_file)
+        origins = {k: (str(config_file), lines.get(k)) for k in values}
+    for k, v in ns.items():  # flags override the file
+        values[k] = v
+        origins[k] = ("command line", None)
+    return command, build_config(command, values, origins)
+
+
+def run(command: str, sections: dict) -> Path:
+    if command == "dpo":
+        from .train.dpo import run_dpo
+        return run_dpo(sections["model"], sections["data"], sections["train"], sections["dpo"])
+    raise InputError(f"unknown command {command!r}", file="command line")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .train.run import shutdown
+    try:
+        command, sections = parse(sys.argv[1:] if argv is None else argv)
+        out = run(command, sections)
+        print(f"done: {out}")
+        return 0
+    except InputError as e:
+        print(f"alignkit: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"alignkit: stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alignkit: interrupted", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

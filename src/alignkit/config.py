@@ -1,0 +1,147 @@
+"""Typed configs, one per concern. Field descriptions become the CLI's ``--help``.
+
+Every field is a flag (``max_prompt_length`` -> ``--max-prompt-length``) and a key of the
+``--config FILE.yaml`` file; the YAML may be flat or grouped by concern (``model:``,
+``data:``, ``train:``, ``dpo:``). Precedence: defaults < YAML < command line. The resolved
+config is saved with the run as ``config.yaml``, grouped by concern.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    model: str = Field(description="policy to train: a local folder, a hub id, a .gguf file, or 'smollm2-135m-instruct'")
+    ref_model: str | None = Field(None, description="reference model (default: the starting policy; with LoRA, the base with adapters disabled)")
+    trust_remote_code: bool = Field(False, description="allow model code from the model folder/hub (off unless you turn it on)")
+    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning")
+    lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (default 2 x rank)")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout")
+    merge: bool = Field(False, description="with LoRA: also write merged full weights to the output folder")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (weights and optimizer stay fp32)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+
+
+class DataConfig(_Section):
+    data: list[str] = Field(description="training data: .jsonl/.json/.parquet/.csv files, a saved HF dataset folder, or a hub dataset name")
+    eval_data: list[str] | None = Field(None, description="held-out data, evaluated every --eval-every steps and at the end")
+    max_length: int = Field(512, ge=2, description="max tokens of prompt + completion (completions are cut from the end)")
+    max_prompt_length: int = Field(256, ge=1, description="max prompt tokens (the END of the prompt is kept)")
+    chat_template_for_plain: bool = Field(False, description="render plain-string prompts with the tokenizer's chat template too")
+    skip_invalid: bool = Field(False, description="skip bad rows (and report how many of each kind) instead of stopping")
+
+    @field_validator("data", "eval_data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class TrainConfig(_Section):
+    output_dir: Path = Field(description="where the model, config.yaml, metrics.jsonl and checkpoints/ go")
+    max_steps: int = Field(-1, description="optimizer steps; > 0 overrides --epochs")
+    epochs: float = Field(1.0, gt=0, description="passes over the data (fractions allowed)")
+    batch_size: int = Field(4, ge=1, description="examples (pairs) per micro-batch per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="fraction of steps for linear warm-up")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 = no clipping")
+    seed: int = Field(42, description="seed for initialisation and data order")
+    log_every: int = Field(10, ge=1, description="log metrics every N steps")
+    eval_every: int = Field(0, ge=0, description="evaluate on --eval-data every N steps; 0 = only at the end")
+    save_every: int = Field(0, ge=0, description="write checkpoints/step-N every N steps; 0 = none")
+    save_limit: int | None = Field(None, ge=1, description="keep only the newest N checkpoints")
+    resume: bool = Field(False, description="continue from the newest checkpoint in --output-dir")
+    overwrite: bool = Field(False, description="replace a run already in --output-dir")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+class DPOConfig(_Section):
+    loss: str = Field("dpo", description="dpo, cdpo, ipo, simpo, dpop, hinge or robust")
+    beta: float | None = Field(None, gt=0, description="beta (default per loss: 0.1; simpo 2.0)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO / robust DPO: probability a label is flipped")
+    gamma: float = Field(1.0, ge=0, description="SimPO target margin, in reward units")
+    lam: float = Field(50.0, ge=0, description="DPO-Positive lambda")
+    ref_cache: bool = Field(True, description="compute reference log-probs once before training and cache them on disk")
+
+
+SECTIONS: dict[str, dict[str, type[_Section]]] = {
+    "dpo": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dpo": DPOConfig},
+}
+
+
+def flatten_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML config: (flat {field: value}, {field: line}). Grouped sections are flattened."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise InputError("config file not found", file=str(path), field="config") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise InputError(f"not valid YAML: {getattr(e, 'problem', e)}", file=str(path),
+                         line=None if line is None else line + 1, field="config") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise InputError("a config file must be a mapping of field: value", file=str(path), line=1, field="config")
+    flat: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    for key_node, value_node in root.value:
+        key = str(key_node.value).replace("-", "_")
+        if isinstance(data.get(key_node.value), dict):  # a section: model:, data:, ...
+            for k2, v2 in value_node.value:
+                name = str(k2.value).replace("-", "_")
+                flat[name] = data[key_node.value][k2.value]
+                lines[name] = k2.start_mark.line + 1
+        else:
+            flat[key] = data[key_node.value]
+            lines[key] = key_node.start_mark.line + 1
+    return flat, lines
+
+
+def build_config(command: str, values: dict[str, Any],
+                 origins: dict[str, tuple[str, int | None]] | None = None) -> dict[str, _Section]:
+    """Validate flat ``values`` into the command's sections. Errors -> InputError (exit 2) that name
+    where the bad value came from: ``origins[field] = (file or "command line", line)``."""
+    origins = origins or {}
+    sections = SECTIONS[command]
+    known = {name for cls in sections.values() for name in cls.model_fields}
+
+    def where(field: str) -> dict:
+        src, line = origins.get(field, ("command line", None))
+        return {"file": src, "line": line, "field": field}
+
+    for key in values:
+        if key not in known:
+            raise InputError(f"unknown setting; valid ones: {', '.join(sorted(known))}", **where(key))
+    built: dict[str, _Section] = {}
+    for section, cls in sections.items():
+        mine = {k: v for k, v in values.items() if k in cls.model_fields}
+        try:
+            built[section] = cls(**mine)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = str(err["loc"][0]) if err["loc"] else section
+            msg = "is required" if err["type"] == "missing" else f"{err['msg']} (got {err.get('input')!r})"
+            raise InputError(msg, **where(field)) from None
+    return built
+
+
+def dump_config(sections: dict[str, _Section], path: Path) -> None:
+    """Write the resolved config, grouped by concern, as YAML that ``--config`` reads back."""
+    data = {name: sec.model_dump(mode="json") for name, sec in sections.items()}
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

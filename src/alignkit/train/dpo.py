@@ -1,0 +1,157 @@
+"""Recipe: direct preference optimisation (DPO and its family) on (prompt, chosen, rejected) pairs.
+
+Builds the batches, picks the loss from ``losses.LOSSES``, provides reference log-probs
+(cached on disk, or on the fly), and hands everything to the one loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import losses
+from ..config import DataConfig, DPOConfig, ModelConfig, TrainConfig
+from ..data import collate_pairs, fingerprint, load_preference_data
+from ..errors import InputError
+from ..models import add_lora, frozen_copy, load_causal_lm, load_tokenizer, reference_context, save_model
+from ..ops.logprobs import CompletionLogProbs, sequence_logprobs, token_logprobs
+from . import reference as refs
+from .loop import StepOutput, train
+from .run import finish_run, make_accelerator, prepare_output_dir
+
+
+@dataclass
+class DPOExample:
+    pair: object                     # data.EncodedPair
+    ref_chosen: float | None = None  # cached log π_ref(y_w | x), summed
+    ref_rejected: float | None = None
+
+
+def collate_dpo(items: list[DPOExample], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows in one (2B, T) batch, plus cached reference log-probs (B,)."""
+    batch = collate_pairs([it.pair for it in items], pad_token_id)
+    if items and items[0].ref_chosen is not None:
+        batch["ref_chosen"] = torch.tensor([it.ref_chosen for it in items], dtype=torch.float64)
+        batch["ref_rejected"] = torch.tensor([it.ref_rejected for it in items], dtype=torch.float64)
+    return batch
+
+
+def dpo_step(module, batch: dict, *, spec: losses.LossSpec, beta: float, label_smoothing: float,
+             gamma: float, lam: float, reference: Callable[[dict], tuple] | None) -> StepOutput:
+    """One micro-batch: policy log-probs in one concatenated forward, then the pure loss."""
+    tok = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (2B, T)
+    total, _, lengths = sequence_logprobs(tok, batch["completion_mask"])  # (2B,) each
+    b = total.shape[0] // 2
+    kwargs = dict(policy_chosen_logps=total[:b], policy_rejected_logps=total[b:],
+                  beta=beta, label_smoothing=label_smoothing, gamma=gamma, lam=lam)
+    if spec.needs_reference:
+        if "ref_chosen" in batch:
+            ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+        else:
+            ref_c, ref_r = reference(batch)
+        kwargs.update(reference_chosen_logps=ref_c.to(total.dtype), reference_rejected_logps=ref_r.to(total.dtype))
+    if spec.length_normalised:
+        kwargs.update(chosen_lengths=lengths[:b], rejected_lengths=lengths[b:])
+    loss, chosen_r, rejected_r = losses.preference_loss(spec.kind, **kwargs)  # (B,) each
+    metrics = {
+        "rewards/chosen": chosen_r.sum(), "rewards/rejected": rejected_r.sum(),
+        "rewards/margins": (chosen_r - rejected_r).sum(),
+        "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
+        "logps/chosen": total[:b].detach().sum(), "logps/rejected": total[b:].detach().sum(),
+    }
+    return StepOutput(loss_sum=loss.sum(), count=b, metrics=metrics, tokens=int(batch["attention_mask"].sum()))
+
+
+def _on_the_fly_reference(ref_model) -> Callable[[dict], tuple]:
+    """Reference log-probs computed per batch, without gradients (adapters disabled under LoRA)."""
+    @torch.no_grad()
+    def reference(batch):
+        with reference_context(ref_model):
+            tok = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        total, _, _ = sequence_logprobs(tok, batch["completion_mask"])
+        b = total.shape[0] // 2
+        return total[:b], total[b:]
+    return reference
+
+
+def _cached_reference(accelerator, ref_model, pairs_by_split: dict[str, list], collate, cfg, precision: str,
+                      progress: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """Reference log-probs per split, from the disk cache or computed once (by the main process)."""
+    weights_fp = refs.weights_fingerprint(ref_model)
+    out = {}
+    for split, pairs in pairs_by_split.items():
+        key = refs.cache_key(weights_fp, fingerprint(pairs), precision)
+        compute = partial(refs.compute_reference_logps, ref_model, pairs, collate,
+                          batch_size=cfg.batch_size * 2, autocast=accelerator.autocast, progress=progress)
+        if accelerator.is_main_process:
+            values, hit = refs.load_or_compute(key, compute)
+            accelerator.print(f"reference log-probs ({split}): {'cache hit' if hit else 'computed'} {refs.cache_path(key)}")
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            values, _ = refs.load_or_compute(key, compute)
+        out[split] = values
+    return out
+
+
+def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: DPOConfig) -> Path:
+    """The whole `alignkit dpo` run. Returns the output folder."""
+    try:
+        spec = losses.get_loss_spec(dpo.loss)
+    except ValueError as e:
+        raise InputError(str(e), field="loss") from None
+    beta = dpo.beta if dpo.beta is not None else spec.default_beta
+    accelerator = make_accelerator(model.precision, train_cfg.seed)
+    tokenizer = load_tokenizer(model.model, trust_remote_code=model.trust_remote_code)
+    load = partial(load_preference_data, tokenizer=tokenizer, max_length=data.max_length,
+                   max_prompt_length=data.max_prompt_length,
+                   chat_template_for_plain=data.chat_template_for_plain, skip_invalid=data.skip_invalid)
+    pairs, report = load(data.data)  # every row validated before anything is written
+    accelerator.print(f"train data: {report.summary()}")
+    eval_pairs = None
+    if data.eval_data:
+        eval_pairs, eval_report = load(data.eval_data)
+        accelerator.print(f"eval data: {eval_report.summary()}")
+    out_dir = prepare_output_dir(accelerator, train_cfg, {"model": model, "data": data, "train": train_cfg, "dpo": dpo})
+
+    policy = load_causal_lm(model.model, trust_remote_code=model.trust_remote_code)
+    collate_raw = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
+    splits = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
+    tables, reference = {}, None
+    if spec.needs_reference and dpo.ref_cache:
+        # Before LoRA is added the policy IS the starting policy: no second copy is needed.
+        ref_model = load_causal_lm(model.ref_model, trust_remote_code=model.trust_remote_code) \
+            if model.ref_model else policy
+        tables = _cached_reference(accelerator, ref_model, splits, collate_raw, train_cfg,
+                                   model.precision, train_cfg.progress)
+        del ref_model
+    if model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        policy.config.use_cache = False
+    if model.lora_r:
+        policy = add_lora(policy, r=model.lora_r, alpha=model.lora_alpha, dropout=model.lora_dropout)
+    if spec.needs_reference and not dpo.ref_cache:
+        if model.ref_model:
+            ref_model = load_causal_lm(model.ref_model, trust_remote_code=model.trust_remote_code)
+            ref_model.requires_grad_(False).eval()
+        else:  # LoRA: same weights, adapters disabled; full fine-tuning: a frozen copy
+            ref_model = policy if model.lora_r else frozen_copy(policy)
+        reference = _on_the_fly_reference(ref_model)
+
+    def wrap(split, items):
+        if split not in tables:
+            return [DPOExample(p) for p in items]
+        t = tables[split]
+        return [DPOExample(p, float(t["chosen"][i]), float(t["rejected"][i])) for i, p in enumerate(items)]
+
+    step_fn = partial(dpo_step, spec=spec, beta=beta, label_smoothing=dpo.label_smoothing,
+                      gamma=dpo.gamma, lam=dpo.lam, reference=reference)
+    train(accelerator=accelerator, module=CompletionLogProbs(policy), save_target=policy,
+          examples=wrap("train", pairs), collate=partial(collate_dpo, pad_token_id=tokenizer.pad_token_id),
+          step_fn=step_fn, cfg=train_cfg, out_dir=out_dir,
+          eval_examples=wrap("eval", eval_pairs) if eval_pairs else None)
+    finish_run(accelerator, lambda: save_model(policy, tokenizer, out_dir, merge_lora=model.merge))
+    return out_dir

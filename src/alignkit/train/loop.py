@@ -1,0 +1,313 @@
+"""The one training loop every recipe uses. Read it top to bottom: ``train``.
+
+A recipe gives a module to optimise, a list of examples, a collate function, and a
+``step_fn(module, batch) -> StepOutput`` that returns the SUM of per-example losses of
+one micro-batch. The loop owns everything else: data order, accumulation, loss
+reduction, clipping, the optimizer and schedule, logging, evaluation, checkpoints and
+resume.
+
+Loss reduction is explicit: one optimizer step always sees exactly ``G = batch_size x
+grad_accum x world_size`` examples (the data is one endless stream of per-epoch
+permutations, so the last batch of an epoch is filled from the next), and every
+micro-batch's summed loss is divided by ``G``. The gradient is therefore the mean over
+the same G examples for batch 8 x accumulation 1, batch 2 x accumulation 4, or two
+processes of batch 4 — the bug class of transformers#34191 cannot happen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import TrainConfig
+from ..errors import NonFiniteError
+
+
+@dataclass
+class StepOutput:
+    """What a recipe's step function returns for one micro-batch."""
+
+    loss_sum: torch.Tensor                 # scalar: sum of per-example losses (not the mean)
+    count: int                             # examples in this micro-batch
+    metrics: dict[str, torch.Tensor]       # name -> SUM over the micro-batch's examples (detached)
+    tokens: int                            # real (non-pad) tokens processed
+
+
+@dataclass
+class LoopResult:
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- data order
+
+def stream_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
+    """Dataset indices of optimizer step ``step``: positions [step*G, (step+1)*G) of the stream
+    perm(seed, epoch 0) ++ perm(seed, epoch 1) ++ ... Depends on nothing but its arguments, so a
+    resumed run sees exactly the batches an uninterrupted one would."""
+    out: list[int] = []
+    pos = step * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(global_batch - len(out), n - offset)
+        out.extend(perm[offset:offset + take].tolist())
+        pos += take
+    return out
+
+
+def rank_micro_batches(indices: Sequence[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """Split one step's G indices into this rank's micro-batches: micro-batch k of rank r is
+    indices[(k*world + r)*B : ...+B], so one process of batch W*B sees the same examples per step."""
+    per_micro = batch_size * world
+    return [list(indices[k + rank * batch_size: k + (rank + 1) * batch_size])
+            for k in range(0, len(indices), per_micro)]
+
+
+def total_steps(cfg: TrainConfig, n: int, global_batch: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n / global_batch))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, scheduler,
+                    limit: int | None = None) -> Path:
+    """Write checkpoints/step-N atomically: into a temporary folder, then one rename.
+    A crash mid-save leaves the previous checkpoint as the newest complete one."""
+    final = ckpt_root / f"step-{step}"
+    tmp = ckpt_root / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = trainable_state(model)
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        shutil.rmtree(tmp)
+        raise NonFiniteError(f"refusing to checkpoint non-finite weights at step {step}")
+    save_file(state, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state()}, tmp / "trainer_state.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    if limit:
+        for old in list_checkpoints(ckpt_root)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are never listed)."""
+    if not ckpt_root.exists():
+        return []
+    done = [p for p in ckpt_root.glob("step-*") if (p / "state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> int:
+    state = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+    extra = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    _set_rng_state(extra["rng"])
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+# ---------------------------------------------------------------- logging
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step) and TensorBoard, written by rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():  # drop what a crashed run logged after its checkpoint
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        elif not resume_step:
+            self.path.write_text("")
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step or None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------- the loop
+
+def _check_finite(step: int, loss: float, grad_norm: float) -> None:
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        raise NonFiniteError(
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step + 1} "
+            f"(loss={loss}, grad_norm={grad_norm}); stopped without saving these weights. "
+            "Try a lower --lr, --precision fp32, or check the data.")
+
+
+def _reduce(accelerator, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum each metric over processes."""
+    if accelerator.num_processes == 1:
+        return values
+    names = sorted(values)
+    stacked = accelerator.reduce(torch.stack([values[k].float() for k in names]), reduction="sum")
+    return dict(zip(names, stacked))
+
+
+def evaluate(accelerator, module: nn.Module, examples: Sequence, collate: Callable,
+             step_fn: Callable, batch_size: int) -> dict[str, float]:
+    """Mean loss and metrics over held-out examples (each process takes a strided share)."""
+    module.eval()
+    sums: dict[str, torch.Tensor] = {"loss": torch.zeros(())}
+    count = torch.zeros(())
+    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    with torch.no_grad():
+        for s in range(0, len(mine), batch_size):
+            batch = collate([examples[i] for i in mine[s:s + batch_size]])
+            with accelerator.autocast():
+                out = step_fn(module, batch)
+            sums["loss"] += out.loss_sum.detach().float()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, torch.zeros(())) + v.float()
+            count += out.count
+    sums["_count"] = count
+    sums = _reduce(accelerator, sums)
+    n = sums.pop("_count").clamp(min=1)
+    module.train()
+    return {f"eval/{k}": (v / n).item() for k, v in sums.items()}
+
+
+def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: Sequence,
+          collate: Callable[[list], dict], step_fn: Callable[[nn.Module, dict], StepOutput],
+          cfg: TrainConfig, out_dir: Path, eval_examples: Sequence | None = None) -> LoopResult:
+    """Train ``module`` (whose trainable parameters belong to ``save_target``) and return the last metrics.
+
+    ``save_target`` is the unwrapped model whose trainable parameters are checkpointed.
+    """
+    from transformers import get_scheduler
+    from tqdm.auto import tqdm
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    steps = total_steps(cfg, len(examples), global_batch)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+
+    ckpt_root = out_dir / "checkpoints"
+    start = 0
+    if cfg.resume and (found := list_checkpoints(ckpt_root)):
+        start = load_checkpoint(found[-1], save_target, optimizer, scheduler)
+        accelerator.print(f"resuming from {found[-1]} (step {start} of {steps})")
+    log = MetricsLog(out_dir, accelerator.is_main_process, resume_step=start)
+    bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process),
+               desc="train", unit="step", dynamic_ncols=True)
+    window: dict[str, float] = {}
+    window_steps, window_tokens, window_t0 = 0, 0, time.perf_counter()
+    last: dict[str, float] = {}
+    module.train()
+    for step in range(start, steps):
+        micro = rank_micro_batches(stream_indices(step, len(examples), global_batch, cfg.seed),
+                                   cfg.batch_size, rank, world)
+        sums: dict[str, torch.Tensor] = {"loss": torch.zeros(())}
+        tokens = 0
+        for k, idx in enumerate(micro):
+            batch = collate([examples[i] for i in idx])
+            sync = accelerator.no_sync(module) if k < len(micro) - 1 else _null()
+            with sync:
+                with accelerator.autocast():
+                    out = step_fn(module, batch)
+                # DDP averages gradients over processes, hence x world: the result is sum / G.
+                accelerator.backward(out.loss_sum * (world / global_batch))
+            sums["loss"] += out.loss_sum.detach().float()
+            for name, v in out.metrics.items():
+                sums[name] = sums.get(name, torch.zeros(())) + v.detach().float()
+            tokens += out.tokens
+        sums["_tokens"] = torch.tensor(float(tokens))
+        sums = _reduce(accelerator, sums)
+        tokens = int(sums.pop("_tokens").item())
+        step_metrics = {k: (v / global_batch).item() for k, v in sums.items()}
+        clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(accelerator.clip_grad_norm_(params, clip))
+        _check_finite(step, step_metrics["loss"], grad_norm)
+        step_metrics["grad_norm"] = grad_norm
+        step_metrics["lr"] = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        for k, v in step_metrics.items():
+            window[k] = window.get(k, 0.0) + v
+        window_steps += 1
+        window_tokens += tokens
+        done = step + 1
+        if done % cfg.log_every == 0 or done == steps:
+            elapsed = time.perf_counter() - window_t0
+            last = {k: v / window_steps for k, v in window.items()}
+            last["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+            last["epoch"] = done * global_batch / len(examples)
+            if eval_examples and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+                last.update(evaluate(accelerator, module, eval_examples, collate, step_fn, cfg.batch_size))
+            log.log(done, last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
+            window, window_steps, window_tokens, window_t0 = {}, 0, 0, time.perf_counter()
+        elif eval_examples and cfg.eval_every and done % cfg.eval_every == 0:
+            log.log(done, evaluate(accelerator, module, eval_examples, collate, step_fn, cfg.batch_size))
+        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt_root, done, save_target, optimizer, scheduler, cfg.save_limit)
+            accelerator.wait_for_everyone()
+        bar.update(1)
+    bar.close()
+    log.close()
+    return LoopResult(step=steps, metrics=last)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

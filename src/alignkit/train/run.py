@@ -1,0 +1,52 @@
+"""What every recipe does around the loop: the accelerator, the output folder, a clean finish."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import TrainConfig, dump_config
+from ..errors import InputError
+
+
+def make_accelerator(precision: str, seed: int):
+    """An ``accelerate`` Accelerator: one process, or data parallel under torchrun/accelerate launch."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    set_seed(seed)
+    return acc
+
+
+def prepare_output_dir(accelerator, cfg: TrainConfig, sections: dict) -> Path:
+    """Create the output folder and write config.yaml (main process only).
+
+    A folder that already holds a run is only reused with --resume or --overwrite, so a
+    finished model is never clobbered by accident.
+    """
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        if (out / "config.yaml").exists() and not (cfg.resume or cfg.overwrite):
+            raise InputError("the output folder already holds a run; pass --resume to continue it, "
+                             "--overwrite to replace it, or choose another folder",
+                             file=str(out), field="output_dir")
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(sections, out / "config.yaml")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def finish_run(accelerator, save: Callable[[], None]) -> None:
+    """Rank 0 writes the final model; every process waits for it, then leaves the process group."""
+    if accelerator.is_main_process:
+        save()
+    accelerator.wait_for_everyone()
+
+
+def shutdown() -> None:
+    """End a distributed run cleanly (a process exiting without this can abort at exit with gloo)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
