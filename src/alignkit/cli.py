@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, sections = parse(sys.argv[1:] if argv is None else argv)
         out = run(command, sections)
-        print(f"done: {out}")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"done: {out}")
         return 0
     except InputError as e:
         print(f"alignkit: error: {e}", file=sys.stderr)

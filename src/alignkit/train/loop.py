@@ -177,6 +177,30 @@ class MetricsLog:
 
 # ---------------------------------------------------------------- the loop
 
+def accumulate_gradients(accelerator, module: nn.Module, batches: list[dict], step_fn: Callable,
+                         global_batch: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Forward and backward over this process's micro-batches of one optimizer step.
+
+    Each micro-batch's summed loss is scaled by world/G (DDP then averages over the world), so
+    the accumulated gradient is d(mean loss over the step's G examples) whatever the split.
+    Returns this process's metric sums (loss included) and real-token count.
+    """
+    world = accelerator.num_processes
+    sums: dict[str, torch.Tensor] = {"loss": torch.zeros(())}
+    tokens = 0
+    for k, batch in enumerate(batches):
+        sync = accelerator.no_sync(module) if k < len(batches) - 1 else _null()
+        with sync:
+            with accelerator.autocast():
+                out = step_fn(module, batch)
+            accelerator.backward(out.loss_sum * (world / global_batch))
+        sums["loss"] += out.loss_sum.detach().float()
+        for name, v in out.metrics.items():
+            sums[name] = sums.get(name, torch.zeros(())) + v.detach().float()
+        tokens += out.tokens
+    return sums, tokens
+
+
 def _check_finite(step: int, loss: float, grad_norm: float) -> None:
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         raise NonFiniteError(
@@ -251,20 +275,8 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
     for step in range(start, steps):
         micro = rank_micro_batches(stream_indices(step, len(examples), global_batch, cfg.seed),
                                    cfg.batch_size, rank, world)
-        sums: dict[str, torch.Tensor] = {"loss": torch.zeros(())}
-        tokens = 0
-        for k, idx in enumerate(micro):
-            batch = collate([examples[i] for i in idx])
-            sync = accelerator.no_sync(module) if k < len(micro) - 1 else _null()
-            with sync:
-                with accelerator.autocast():
-                    out = step_fn(module, batch)
-                # DDP averages gradients over processes, hence x world: the result is sum / G.
-                accelerator.backward(out.loss_sum * (world / global_batch))
-            sums["loss"] += out.loss_sum.detach().float()
-            for name, v in out.metrics.items():
-                sums[name] = sums.get(name, torch.zeros(())) + v.detach().float()
-            tokens += out.tokens
+        sums, tokens = accumulate_gradients(accelerator, module, [collate([examples[i] for i in idx]) for idx in micro],
+                                            step_fn, global_batch)
         sums["_tokens"] = torch.tensor(float(tokens))
         sums = _reduce(accelerator, sums)
         tokens = int(sums.pop("_tokens").item())

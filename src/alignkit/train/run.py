@@ -16,7 +16,9 @@ def make_accelerator(precision: str, seed: int):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    # cpu=True when there is no GPU: accelerate only sets up gloo data parallelism under
+    # torchrun when told it runs on the CPU.
+    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     set_seed(seed)
     return acc
 
