@@ -228,3 +228,12 @@ def test_missing_model_and_data_exit_2(prefs, tmp_path, capsys):
     assert cli.main(args(tmp_path / "nope", prefs, tmp_path / "out")) == 2
     assert "model" in capsys.readouterr().err
     assert cli.main(["dpo", "--model", "x"]) == 2
+
+
+def test_packed_and_padded_batches_train_identically(tiny_model_dir, prefs, tmp_path):
+    a, b = tmp_path / "packed", tmp_path / "padded"
+    assert cli.main(args(tiny_model_dir, prefs, a)) == 0
+    assert cli.main(args(tiny_model_dir, prefs, b, "--no-packing")) == 0
+    for ra, rb in zip(metrics(a), metrics(b)):
+        for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=2e-5), key

@@ -139,3 +139,45 @@ def test_softcapped_models_fall_back_to_their_own_logits():
     out = token_logprobs(model, ids, attn, comp)
     naive = naive_token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, comp)
     torch.testing.assert_close(out, naive, rtol=0, atol=1e-12)
+
+
+def test_packed_rows_equal_padded_rows_values_and_grads():
+    """Packing 2B sequences into one row (positions restarting per sequence) gives the same
+    per-sequence log-probs and gradients as the padded layout: no attention across sequences."""
+    from alignkit.data import EncodedPair, collate_pairs, collate_pairs_packed
+    from alignkit.ops.logprobs import batch_sequence_logprobs
+
+    model = make_tiny_llama(V).double()
+    g = torch.Generator().manual_seed(9)
+    rand = lambda n: torch.randint(3, V, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [EncodedPair(rand(3 + i), rand(2 + 2 * i) + [2], rand(7 - i) + [2], index=i) for i in range(4)]
+
+    def run(collate):
+        model.zero_grad()
+        total, mean, lengths = batch_sequence_logprobs(model, collate(pairs, 2))
+        (total * torch.arange(1.0, 9.0, dtype=torch.float64)).sum().backward()
+        return total.detach(), mean.detach(), lengths, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    padded, packed = run(collate_pairs), run(collate_pairs_packed)
+    torch.testing.assert_close(packed[0], padded[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(packed[1], padded[1], rtol=0, atol=1e-10)
+    assert packed[2].tolist() == padded[2].tolist()
+    for name in padded[3]:
+        torch.testing.assert_close(packed[3][name], padded[3][name], rtol=1e-8, atol=1e-11, msg=name)
+    batch = collate_pairs_packed(pairs, 2)
+    assert batch["input_ids"].shape[0] == 1 and (batch["attention_mask"] == 1).all()  # no padding at all
+
+
+def test_packing_check_detects_a_model_that_ignores_position_restarts(monkeypatch):
+    from alignkit.data import EncodedPair
+    from alignkit.train.dpo import packing_matches
+
+    model = make_tiny_llama(V)
+    pairs = [EncodedPair([5, 6, 7], [8, 9, 2], [10, 2], index=i) for i in range(2)]
+    assert packing_matches(model, pairs, 2)
+    # an architecture that drops position_ids (so sees one long causal sequence) must be caught
+    backbone = model.model
+    real_forward = backbone.forward
+    monkeypatch.setattr(backbone, "forward", lambda **kw: real_forward(
+        input_ids=kw["input_ids"], attention_mask=torch.ones_like(kw["input_ids"])))
+    assert not packing_matches(model, pairs, 2)

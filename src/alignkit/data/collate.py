@@ -37,3 +37,31 @@ def collate_pairs(pairs: list[EncodedPair], pad_token_id: int) -> dict[str, torc
     index = torch.tensor([p.index for p in pairs], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "completion_mask": completion_mask, "index": index}
+
+
+def collate_pairs_packed(pairs: list[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The same 2B sequences as :func:`collate_pairs`, packed end to end into ONE row: no padding.
+
+    * ``input_ids``, ``completion_mask`` (1, L) with L = total real tokens;
+    * ``position_ids`` (1, L): 0, 1, ... restarting at each sequence. transformers (5.x) builds a
+      block-diagonal causal mask from these restarts when ``attention_mask`` is None, so no token
+      attends across sequences (checked against the padded layout before training).
+    * ``seq_ids`` (1, L): which of the 2B sequences each token belongs to (chosen 0..B-1, then rejected);
+    * ``attention_mask`` (1, L) ones, ``index`` (B,).
+    Every sequence starts with a prompt token, so no completion token is ever "predicted" by the
+    last token of the previous sequence.
+    """
+    if not pairs:
+        raise ValueError("collate_pairs_packed needs at least one pair")
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    ids, pos, comp, seq = [], [], [], []
+    for i, (prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        ids += prompt + completion
+        pos += range(n)
+        comp += [False] * len(prompt) + [True] * len(completion)
+        seq += [i] * n
+    as_row = lambda values, dtype: torch.tensor(values, dtype=dtype)[None]  # noqa: E731
+    return {"input_ids": as_row(ids, torch.long), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "position_ids": as_row(pos, torch.long), "completion_mask": as_row(comp, torch.bool),
+            "seq_ids": as_row(seq, torch.long), "index": torch.tensor([p.index for p in pairs], dtype=torch.long)}

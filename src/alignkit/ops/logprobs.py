@@ -111,23 +111,30 @@ def _has_plain_head(causal: nn.Module) -> bool:
 
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   completion_mask: torch.Tensor) -> torch.Tensor:
+                   completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token log-probs of completion tokens, (B, T) float32 (float64 for float64 models), zero off the completion.
 
     input_ids, attention_mask: (B, T); completion_mask: (B, T) bool, True on completion tokens.
     Position t holds log π(x_t | x_<t); position 0 can never be a scored token.
+    ``position_ids`` (B, T) marks packed rows (positions restart at each sequence); the model
+    is then called without an attention mask so that transformers masks block-diagonally.
     """
     causal = _causal_lm(model)
+    # use_cache=False: a training forward needs no KV cache (and with one, transformers would
+    # not build the packed block-diagonal mask).
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
     targets_mask = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # (B, T-1)
     targets = input_ids[:, 1:][targets_mask]  # (N,)
     if _has_plain_head(causal):
         backbone = getattr(causal, causal.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        hidden = backbone(**inputs).last_hidden_state  # (B, T, H)
         rows = hidden[:, :-1][targets_mask]  # (N, H): states that predict a completion token
         head = causal.get_output_embeddings()
         logps = linear_token_logprobs(rows, head.weight, head.bias, targets)  # (N,)
     else:  # models with soft-capped or scaled logits: take the logits as the model gives them
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        logits = model(**inputs).logits  # (B, T, V)
         sel = logits[:, :-1][targets_mask]  # (N, V)
         sel = sel.to(torch.promote_types(sel.dtype, torch.float32))
         logps = sel.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(sel, dim=-1)
@@ -136,17 +143,42 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return nn.functional.pad(shifted, (1, 0))  # (B, T): position 0 is never scored
 
 
-def sequence_logprobs(token_logps: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum, mean, length) per sequence, each (B,), from per-token log-probs (B, T).
+def sequence_logprobs(token_logps: torch.Tensor, completion_mask: torch.Tensor,
+                      seq_ids: torch.Tensor | None = None, num_seqs: int | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum, mean, length) per sequence, each (S,), from per-token log-probs (R, T).
 
+    Padded layout (``seq_ids`` None): one sequence per row, S = R. Packed layout: ``seq_ids``
+    (R, T) names each token's sequence and S = ``num_seqs``.
     Sum is the sequence log-likelihood log π(y|x); mean divides by the number of scored
     completion tokens (SimPO's length-normalised likelihood).
     """
     scored = completion_mask.clone()
     scored[:, 0] = False  # the first token has no context; it is never scored
-    lengths = scored.sum(-1)  # (B,)
-    total = (token_logps * scored).sum(-1)  # (B,)
+    if seq_ids is None:
+        lengths = scored.sum(-1)  # (S,)
+        total = (token_logps * scored).sum(-1)  # (S,)
+    else:
+        ids = seq_ids[scored]  # (N,)
+        total = token_logps.new_zeros(num_seqs).index_add(0, ids, token_logps[scored])  # (S,)
+        lengths = torch.bincount(ids, minlength=num_seqs)  # (S,)
     return total, total / lengths.clamp(min=1), lengths
+
+
+def batch_sequence_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum, mean, length), each (2B,), for a collated pair batch in either layout.
+
+    ``model`` is a CompletionLogProbs module (possibly DDP-wrapped) or a bare causal LM.
+    """
+    args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"], batch.get("position_ids"))
+    tok = model(*args) if _is_completion_module(model) else token_logprobs(model, *args)
+    num_seqs = 2 * batch["index"].shape[0]
+    return sequence_logprobs(tok, batch["completion_mask"], batch.get("seq_ids"), num_seqs)
+
+
+def _is_completion_module(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DDP keeps the wrapped module in .module
+    return isinstance(inner, CompletionLogProbs)
 
 
 class CompletionLogProbs(nn.Module):
@@ -161,8 +193,8 @@ class CompletionLogProbs(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, completion_mask):  # (B, T) each -> (B, T)
-        return token_logprobs(self.model, input_ids, attention_mask, completion_mask)
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None):  # (B, T) each -> (B, T)
+        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, position_ids)
 
 
 def naive_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,10 @@ import torch
 
 from .. import losses
 from ..config import DataConfig, DPOConfig, ModelConfig, TrainConfig
-from ..data import collate_pairs, fingerprint, load_preference_data
+from ..data import collate_pairs, collate_pairs_packed, fingerprint, load_preference_data
 from ..errors import InputError
 from ..models import add_lora, frozen_copy, load_causal_lm, load_tokenizer, reference_context, save_model
-from ..ops.logprobs import CompletionLogProbs, sequence_logprobs, token_logprobs
+from ..ops.logprobs import CompletionLogProbs, batch_sequence_logprobs
 from . import reference as refs
 from .loop import StepOutput, train
 from .run import finish_run, make_accelerator, prepare_output_dir
@@ -31,9 +31,10 @@ class DPOExample:
     ref_rejected: float | None = None
 
 
-def collate_dpo(items: list[DPOExample], *, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows in one (2B, T) batch, plus cached reference log-probs (B,)."""
-    batch = collate_pairs([it.pair for it in items], pad_token_id)
+def collate_dpo(items: list[DPOExample], *, pad_token_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Chosen then rejected sequences for one forward (padded (2B, T) or packed (1, L)),
+    plus cached reference log-probs (B,)."""
+    batch = (collate_pairs_packed if packed else collate_pairs)([it.pair for it in items], pad_token_id)
     if items and items[0].ref_chosen is not None:
         batch["ref_chosen"] = torch.tensor([it.ref_chosen for it in items], dtype=torch.float64)
         batch["ref_rejected"] = torch.tensor([it.ref_rejected for it in items], dtype=torch.float64)
@@ -43,8 +44,7 @@ def collate_dpo(items: list[DPOExample], *, pad_token_id: int) -> dict[str, torc
 def dpo_step(module, batch: dict, *, spec: losses.LossSpec, beta: float, label_smoothing: float,
              gamma: float, lam: float, reference: Callable[[dict], tuple] | None) -> StepOutput:
     """One micro-batch: policy log-probs in one concatenated forward, then the pure loss."""
-    tok = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (2B, T)
-    total, _, lengths = sequence_logprobs(tok, batch["completion_mask"])  # (2B,) each
+    total, _, lengths = batch_sequence_logprobs(module, batch)  # (2B,) each
     b = total.shape[0] // 2
     kwargs = dict(policy_chosen_logps=total[:b], policy_rejected_logps=total[b:],
                   beta=beta, label_smoothing=label_smoothing, gamma=gamma, lam=lam)
@@ -66,13 +66,26 @@ def dpo_step(module, batch: dict, *, spec: losses.LossSpec, beta: float, label_s
     return StepOutput(loss_sum=loss.sum(), count=b, metrics=metrics, tokens=int(batch["attention_mask"].sum()))
 
 
+@torch.no_grad()
+def packing_matches(model, pairs: list, pad_token_id: int) -> bool:
+    """Do packed rows give this model the same sequence log-probs as padded rows?
+
+    Packing relies on the model turning restarting ``position_ids`` into a block-diagonal mask;
+    an architecture that ignores them would let sequences attend to each other. One forward on a
+    few real pairs tells, before any training.
+    """
+    sample = pairs[:4]
+    padded, _, _ = batch_sequence_logprobs(model, collate_pairs(sample, pad_token_id))
+    packed, _, _ = batch_sequence_logprobs(model, collate_pairs_packed(sample, pad_token_id))
+    return bool(torch.allclose(padded, packed, rtol=1e-4, atol=1e-3))
+
+
 def _on_the_fly_reference(ref_model) -> Callable[[dict], tuple]:
     """Reference log-probs computed per batch, without gradients (adapters disabled under LoRA)."""
     @torch.no_grad()
     def reference(batch):
         with reference_context(ref_model):
-            tok = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        total, _, _ = sequence_logprobs(tok, batch["completion_mask"])
+            total, _, _ = batch_sequence_logprobs(ref_model, batch)
         b = total.shape[0] // 2
         return total[:b], total[b:]
     return reference
@@ -118,7 +131,10 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
     out_dir = prepare_output_dir(accelerator, train_cfg, {"model": model, "data": data, "train": train_cfg, "dpo": dpo})
 
     policy = load_causal_lm(model.model, trust_remote_code=model.trust_remote_code)
-    collate_raw = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
+    packed = data.packing and packing_matches(policy, pairs, tokenizer.pad_token_id)
+    if data.packing and not packed:
+        accelerator.print("note: this model mixes packed sequences; using padded batches instead")
+    collate_raw = partial(collate_pairs_packed if packed else collate_pairs, pad_token_id=tokenizer.pad_token_id)
     splits = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
     tables, reference = {}, None
     if spec.needs_reference and dpo.ref_cache:
@@ -150,7 +166,7 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
     step_fn = partial(dpo_step, spec=spec, beta=beta, label_smoothing=dpo.label_smoothing,
                       gamma=dpo.gamma, lam=dpo.lam, reference=reference)
     train(accelerator=accelerator, module=CompletionLogProbs(policy), save_target=policy,
-          examples=wrap("train", pairs), collate=partial(collate_dpo, pad_token_id=tokenizer.pad_token_id),
+          examples=wrap("train", pairs), collate=partial(collate_dpo, pad_token_id=tokenizer.pad_token_id, packed=packed),
           step_fn=step_fn, cfg=train_cfg, out_dir=out_dir,
           eval_examples=wrap("eval", eval_pairs) if eval_pairs else None)
     finish_run(accelerator, lambda: save_model(policy, tokenizer, out_dir, merge_lora=model.merge))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..embedded import cache_root
-from ..ops.logprobs import sequence_logprobs, token_logprobs
+from ..ops.logprobs import batch_sequence_logprobs
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -50,8 +50,7 @@ def compute_reference_logps(model: nn.Module, examples: Sequence, collate: Calla
     for s in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress):
         batch = collate(list(examples[s:s + batch_size]))
         with autocast():
-            tok = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        total, _, _ = sequence_logprobs(tok, batch["completion_mask"])  # (2b,)
+            total, _, _ = batch_sequence_logprobs(model, batch)  # (2b,)
         b = total.shape[0] // 2
         chosen[batch["index"]] = total[:b].double()
         rejected[batch["index"]] = total[b:].double()
