@@ -35,7 +35,8 @@ MAX_LENGTH = 256
 MAX_PROMPT_LENGTH = 256  # alignkit's CLI default; the sample prompts are far shorter (no truncation)
 LR = 5e-6
 SEED = 42
-ALL_CONFIGS = [f"{m}-{p}-{r}" for m in ("full", "lora") for p in ("fp32", "bf16") for r in ("fly", "cached")]
+ALL_CONFIGS = ["defaults"] + [f"{m}-{p}-{r}" for m in ("full", "lora") for p in ("fp32", "bf16")
+                               for r in ("fly", "cached")]
 DEFAULT_CONFIGS = {"tiny": ALL_CONFIGS, "embedded": ["full-fp32-fly", "lora-fp32-fly"]}
 BATCH = {"tiny": 4, "embedded": 2}
 # (warm-up, measured) steps
@@ -44,6 +45,9 @@ QUICK_STEPS = {"tiny": (2, 4), "embedded": (1, 2)}
 
 
 def parse_config(name: str) -> dict:
+    if name == "defaults":  # each library as it ships: alignkit's defaults (full, fp32, cached reference,
+        # packing) against DPOConfig's own defaults; only the run length, batch and length are set
+        return {"name": name, "lora": False, "bf16": False, "cached": True, "defaults": True}
     method, precision, ref = name.split("-")
     assert method in ("full", "lora") and precision in ("fp32", "bf16") and ref in ("fly", "cached"), name
     return {"name": name, "lora": method == "lora", "bf16": precision == "bf16", "cached": ref == "cached"}
@@ -179,6 +183,11 @@ def run_trl(model_dir: Path, cfg: dict, batch: int, warmup: int, measured: int, 
 
 def _trl_args(out: str, cfg: dict, batch: int, steps: int):
     from trl import DPOConfig
+
+    if cfg.get("defaults"):
+        return DPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, max_length=MAX_LENGTH,
+                         logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                         learning_rate=LR, seed=SEED, disable_tqdm=True)
 
     return DPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, max_length=MAX_LENGTH,
                      logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",

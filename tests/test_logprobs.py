@@ -64,8 +64,8 @@ def test_chunking_does_not_change_values_or_grads():
     b = torch.randn(V, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, V, (37,))
     results = []
-    for chunk in (1, 5, 37, 1000):
-        out = linear_token_logprobs(h, w, b, t, chunk=chunk)
+    for chunk, keep in ((1, 0), (5, 0), (37, 0), (1000, 0), (5, 2**30), (1000, 2**30)):
+        out = linear_token_logprobs(h, w, b, t, chunk=chunk, keep_bytes=keep)  # recompute or keep softmax
         gh, gw, gb = torch.autograd.grad((out * torch.arange(37.0, dtype=torch.float64)).sum(), (h, w, b))
         results.append((out.detach(), gh, gw, gb))
     naive = torch.log_softmax(h @ w.T + b, -1).gather(1, t[:, None]).squeeze(1)

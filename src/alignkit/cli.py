@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -85,6 +86,8 @@ def run(command: str, sections: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft asks transformers a deprecated question on every LoRA forward; the warning is theirs, not the user's
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from .train.run import shutdown
     try:
         command, sections = parse(sys.argv[1:] if argv is None else argv)

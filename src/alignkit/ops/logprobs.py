@@ -36,60 +36,79 @@ class _LinearTokenLogProbs(torch.autograd.Function):
     """log p(target | hidden) = (h W^T + b)[target] − logsumexp(h W^T + b), chunked over rows.
 
     Backward: d logp_i / d z_ij = 1[j = target_i] − softmax(z_i)_j, with z = h W^T + b.
+    When the (N, V) softmax fits in ``keep_bytes`` it is kept from the forward (backward: two
+    matmuls); otherwise backward recomputes it chunk by chunk (three matmuls, no (N, V) tensor).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype, keep_bytes: int):
         # hidden (N, H); weight (V, H); bias (V,) or None; targets (N,) long
         acc = torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 models
-        out = hidden.new_empty(targets.shape[0], dtype=acc)  # (N,)
+        n_rows, vocab = targets.shape[0], weight.shape[0]
+        keep = n_rows * vocab * torch.finfo(acc).bits // 8 <= keep_bytes
+        out = hidden.new_empty(n_rows, dtype=acc)  # (N,)
         lse = torch.empty_like(out)  # (N,)
+        probs = hidden.new_empty((n_rows, vocab), dtype=acc) if keep else None  # (N, V) softmax
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        for s in range(0, targets.shape[0], chunk):
+        for s in range(0, n_rows, chunk):
             z = nn.functional.linear(hidden[s:s + chunk].to(dtype), w, b).to(acc)  # (n, V)
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            if keep:
+                torch.exp(z.sub_(lse[s:s + chunk, None]), out=probs[s:s + chunk])
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, probs)
         ctx.chunk, ctx.dtype = chunk, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        chunk, dtype = ctx.chunk, ctx.dtype
+        hidden, weight, bias, targets, lse, probs = ctx.saved_tensors
+        chunk, dtype, acc = ctx.chunk, ctx.dtype, lse.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        acc = lse.dtype
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        if probs is not None and getattr(ctx, "consumed", False):
+            raise RuntimeError("linear_token_logprobs keeps its softmax for ONE backward; call it with "
+                               "keep_bytes=0 to backpropagate through it twice")
+        ctx.consumed = True
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
+        grads_h, grad_w, grad_b = [], None, None
         for s in range(0, targets.shape[0], chunk):
             h = hidden[s:s + chunk].to(dtype)  # (n, H)
             g_out = grad_out[s:s + chunk].to(acc)  # (n,)
-            p = torch.exp(nn.functional.linear(h, w, b).to(acc) - lse[s:s + chunk, None])  # softmax (n, V)
+            if probs is not None:
+                p = probs[s:s + chunk]  # (n, V), kept from the forward; used once, so overwritten here
+            else:
+                p = torch.exp(nn.functional.linear(h, w, b).to(acc) - lse[s:s + chunk, None])  # (n, V)
             g = p.mul_(-g_out[:, None])  # d/dz of g_out * logp, without the one-hot part
             g.scatter_add_(1, targets[s:s + chunk, None], g_out[:, None])  # + g_out at the target
+            g_c = g.to(dtype)
             if need_h:
-                grad_h[s:s + chunk] = (g.to(dtype) @ w).to(hidden.dtype)
-            if need_w:
-                grad_w += (g.to(dtype).T @ h).to(acc)
+                grads_h.append((g_c @ w).to(hidden.dtype))  # (n, H)
+            if need_w:  # the first chunk allocates, later ones accumulate in place: no zero fill
+                grad_w = (g_c.T @ h).to(acc) if grad_w is None else grad_w.addmm_(g_c.T.to(acc), h.to(acc))
             if need_b:
-                grad_b += g.sum(0)
+                grad_b = g.sum(0) if grad_b is None else grad_b.add_(g.sum(0))
+        grad_h = torch.cat(grads_h) if need_h else None
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+# Keep the (N, V) softmax for backward when it is at most this large (~650 rows of a 49k vocabulary).
+KEEP_SOFTMAX_BYTES = 128 * 2**20
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          targets: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
+                          targets: torch.Tensor, *, chunk: int | None = None,
+                          keep_bytes: int = KEEP_SOFTMAX_BYTES) -> torch.Tensor:
     """log-probs (N,) float32 of ``targets`` (N,) under logits ``hidden @ weight.T + bias``.
 
-    hidden: (N, H); weight: (V, H). Memory beyond the inputs: one (chunk, V) block at a time.
+    hidden: (N, H); weight: (V, H). Memory beyond the inputs: one (chunk, V) block at a time, plus
+    the (N, V) softmax when it is at most ``keep_bytes`` (0: always recompute in backward).
     """
     chunk = chunk or _chunk_rows(weight.shape[0])
-    return _LinearTokenLogProbs.apply(hidden, weight, bias, targets, chunk, _compute_dtype(hidden))
+    return _LinearTokenLogProbs.apply(hidden, weight, bias, targets, chunk, _compute_dtype(hidden), keep_bytes)
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:

@@ -16,6 +16,7 @@ processes of batch 4 — the bug class of transformers#34191 cannot happen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -177,6 +178,29 @@ class MetricsLog:
 
 # ---------------------------------------------------------------- the loop
 
+class _Window:
+    """Metrics averaged over the steps since the last log line; tokens/s over training time only
+    (evaluation and checkpointing are not counted)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.steps = self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, metrics: dict[str, float], tokens: int, seconds: float) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def flush(self) -> dict[str, float]:
+        out = {k: v / self.steps for k, v in self.sums.items()}
+        out["tokens_per_second"] = self.tokens / max(self.seconds, 1e-9)
+        self.__init__()
+        return out
+
+
 def accumulate_gradients(accelerator, module: nn.Module, batches: list[dict], step_fn: Callable,
                          global_batch: int) -> tuple[dict[str, torch.Tensor], int]:
     """Forward and backward over this process's micro-batches of one optimizer step.
@@ -189,7 +213,7 @@ def accumulate_gradients(accelerator, module: nn.Module, batches: list[dict], st
     sums: dict[str, torch.Tensor] = {"loss": torch.zeros(())}
     tokens = 0
     for k, batch in enumerate(batches):
-        sync = accelerator.no_sync(module) if k < len(batches) - 1 else _null()
+        sync = accelerator.no_sync(module) if k < len(batches) - 1 else contextlib.nullcontext()
         with sync:
             with accelerator.autocast():
                 out = step_fn(module, batch)
@@ -271,11 +295,11 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
     log = MetricsLog(out_dir, accelerator.is_main_process, resume_step=start)
     bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process),
                desc="train", unit="step", dynamic_ncols=True)
-    window: dict[str, float] = {}
-    window_steps, window_tokens, window_t0 = 0, 0, time.perf_counter()
+    window = _Window()
     last: dict[str, float] = {}
     module.train()
     for step in range(start, steps):
+        t0 = time.perf_counter()
         micro = rank_micro_batches(stream_indices(step, len(examples), global_batch, cfg.seed),
                                    cfg.batch_size, rank, world)
         sums, tokens = accumulate_gradients(accelerator, module, [collate([examples[i] for i in idx]) for idx in micro],
@@ -292,24 +316,18 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        window.add(step_metrics, tokens, time.perf_counter() - t0)
 
-        for k, v in step_metrics.items():
-            window[k] = window.get(k, 0.0) + v
-        window_steps += 1
-        window_tokens += tokens
         done = step + 1
+        record: dict[str, float] = {}
         if done % cfg.log_every == 0 or done == steps:
-            elapsed = time.perf_counter() - window_t0
-            last = {k: v / window_steps for k, v in window.items()}
-            last["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+            record = last = window.flush()
             last["epoch"] = done * global_batch / len(examples)
-            if eval_examples and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-                last.update(evaluate(accelerator, module, eval_examples, collate, step_fn, cfg.batch_size))
-            log.log(done, last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
-            window, window_steps, window_tokens, window_t0 = {}, 0, 0, time.perf_counter()
-        elif eval_examples and cfg.eval_every and done % cfg.eval_every == 0:
-            log.log(done, evaluate(accelerator, module, eval_examples, collate, step_fn, cfg.batch_size))
+        if eval_examples and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+            record.update(evaluate(accelerator, module, eval_examples, collate, step_fn, cfg.batch_size))
+        if record:
+            log.log(done, record)
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_root, done, save_target, optimizer, scheduler, cfg.save_limit)
@@ -319,10 +337,3 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
     log.close()
     return LoopResult(step=steps, metrics=last)
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
