@@ -158,14 +158,19 @@ def test_packed_rows_equal_padded_rows_values_and_grads():
         (total * torch.arange(1.0, 9.0, dtype=torch.float64)).sum().backward()
         return total.detach(), mean.detach(), lengths, {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    padded, packed = run(collate_pairs), run(collate_pairs_packed)
-    torch.testing.assert_close(packed[0], padded[0], rtol=0, atol=1e-10)
-    torch.testing.assert_close(packed[1], padded[1], rtol=0, atol=1e-10)
-    assert packed[2].tolist() == padded[2].tolist()
-    for name in padded[3]:
-        torch.testing.assert_close(packed[3][name], padded[3][name], rtol=1e-8, atol=1e-11, msg=name)
+    padded = run(collate_pairs)
+    filled = lambda p, pad: collate_pairs_packed(p, pad, pad_to_multiple=16)  # noqa: E731
+    for packed in (run(collate_pairs_packed), run(filled)):
+        torch.testing.assert_close(packed[0], padded[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(packed[1], padded[1], rtol=0, atol=1e-10)
+        assert packed[2].tolist() == padded[2].tolist()
+        for name in padded[3]:
+            torch.testing.assert_close(packed[3][name], padded[3][name], rtol=1e-8, atol=1e-11, msg=name)
     batch = collate_pairs_packed(pairs, 2)
     assert batch["input_ids"].shape[0] == 1 and (batch["attention_mask"] == 1).all()  # no padding at all
+    rounded = filled(pairs, 2)
+    assert rounded["input_ids"].shape[1] % 16 == 0 and rounded["input_ids"].shape[1] > batch["input_ids"].shape[1]
+    assert rounded["attention_mask"].sum() == batch["input_ids"].shape[1]  # filler is not counted as tokens
 
 
 def test_packing_check_detects_a_model_that_ignores_position_restarts(monkeypatch):

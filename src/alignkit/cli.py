@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # peft asks transformers a deprecated question on every LoRA forward; the warning is theirs, not the user's
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from .memory import return_freed_memory_to_os
     from .train.run import shutdown
+
+    return_freed_memory_to_os()
     try:
         command, sections = parse(sys.argv[1:] if argv is None else argv)
         out = run(command, sections)

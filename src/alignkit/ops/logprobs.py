@@ -32,6 +32,27 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, acc: torch.dtype,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """z = h W^T + b in ``acc`` precision, written into ``out`` (n, V) when given."""
+    h = h.to(w.dtype)
+    if out is not None and out.dtype == w.dtype:  # straight into the buffer: no temporary
+        torch.mm(h, w.T, out=out)
+        return out if b is None else out.add_(b)
+    z = nn.functional.linear(h, w, b)
+    return z.to(acc) if out is None else out.copy_(z)
+
+
+def _softmax_(z: torch.Tensor) -> torch.Tensor:
+    """Turn logits z (n, V) into softmax(z) IN PLACE and return logsumexp(z) (n,).
+
+    torch.logsumexp and torch.softmax each allocate another (n, V) block; this allocates none."""
+    m = z.amax(dim=-1, keepdim=True)  # (n, 1)
+    total = z.sub_(m).exp_().sum(dim=-1, keepdim=True)  # (n, 1)
+    z.div_(total)
+    return (m + total.log()).squeeze(1)
+
+
 class _LinearTokenLogProbs(torch.autograd.Function):
     """log p(target | hidden) = (h W^T + b)[target] − logsumexp(h W^T + b), chunked over rows.
 
@@ -52,11 +73,10 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         for s in range(0, n_rows, chunk):
-            z = nn.functional.linear(hidden[s:s + chunk].to(dtype), w, b).to(acc)  # (n, V)
-            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
-            out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
-            if keep:
-                torch.exp(z.sub_(lse[s:s + chunk, None]), out=probs[s:s + chunk])
+            z = _logits(hidden[s:s + chunk], w, b, acc, None if probs is None else probs[s:s + chunk])  # (n, V)
+            picked = z.gather(1, targets[s:s + chunk, None]).squeeze(1)  # (n,) logit of the target
+            lse[s:s + chunk] = _softmax_(z)
+            out[s:s + chunk] = picked - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse, probs)
         ctx.chunk, ctx.dtype = chunk, dtype
         return out
@@ -79,7 +99,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             if probs is not None:
                 p = probs[s:s + chunk]  # (n, V), kept from the forward; used once, so overwritten here
             else:
-                p = torch.exp(nn.functional.linear(h, w, b).to(acc) - lse[s:s + chunk, None])  # (n, V)
+                p = _logits(h, w, b, acc).sub_(lse[s:s + chunk, None]).exp_()  # (n, V) softmax, recomputed
             g = p.mul_(-g_out[:, None])  # d/dz of g_out * logp, without the one-hot part
             g.scatter_add_(1, targets[s:s + chunk, None], g_out[:, None])  # + g_out at the target
             g_c = g.to(dtype)

@@ -31,10 +31,12 @@ class DPOExample:
     ref_rejected: float | None = None
 
 
-def collate_dpo(items: list[DPOExample], *, pad_token_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+def collate_dpo(items: list[DPOExample], *, pad_token_id: int, packed: bool = False,
+                pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
     """Chosen then rejected sequences for one forward (padded (2B, T) or packed (1, L)),
     plus cached reference log-probs (B,)."""
-    batch = (collate_pairs_packed if packed else collate_pairs)([it.pair for it in items], pad_token_id)
+    pairs = [it.pair for it in items]
+    batch = collate_pairs_packed(pairs, pad_token_id, pad_to_multiple) if packed else collate_pairs(pairs, pad_token_id)
     if items and items[0].ref_chosen is not None:
         batch["ref_chosen"] = torch.tensor([it.ref_chosen for it in items], dtype=torch.float64)
         batch["ref_rejected"] = torch.tensor([it.ref_rejected for it in items], dtype=torch.float64)
@@ -134,7 +136,10 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
     packed = data.packing and packing_matches(policy, pairs, tokenizer.pad_token_id)
     if data.packing and not packed:
         accelerator.print("note: this model mixes packed sequences; using padded batches instead")
-    collate_raw = partial(collate_pairs_packed if packed else collate_pairs, pad_token_id=tokenizer.pad_token_id)
+    # bf16 on CPU keeps per-shape kernel state: round packed rows to 64 tokens (see collate_pairs_packed)
+    multiple = 64 if model.precision == "bf16" and packed else 1
+    collate_raw = partial(collate_pairs_packed, pad_token_id=tokenizer.pad_token_id, pad_to_multiple=multiple) \
+        if packed else partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
     splits = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
     tables, reference = {}, None
     if spec.needs_reference and dpo.ref_cache:
@@ -166,7 +171,8 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
     step_fn = partial(dpo_step, spec=spec, beta=beta, label_smoothing=dpo.label_smoothing,
                       gamma=dpo.gamma, lam=dpo.lam, reference=reference)
     train(accelerator=accelerator, module=CompletionLogProbs(policy), save_target=policy,
-          examples=wrap("train", pairs), collate=partial(collate_dpo, pad_token_id=tokenizer.pad_token_id, packed=packed),
+          examples=wrap("train", pairs), collate=partial(collate_dpo, pad_token_id=tokenizer.pad_token_id, packed=packed,
+                                                    pad_to_multiple=multiple),
           step_fn=step_fn, cfg=train_cfg, out_dir=out_dir,
           eval_examples=wrap("eval", eval_pairs) if eval_pairs else None)
     finish_run(accelerator, lambda: save_model(policy, tokenizer, out_dir, merge_lora=model.merge))

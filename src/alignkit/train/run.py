@@ -19,6 +19,10 @@ def make_accelerator(precision: str, seed: int):
     # cpu=True when there is no GPU: accelerate only sets up gloo data parallelism under
     # torchrun when told it runs on the CPU.
     acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # Checkpoints and the final save read whole parameters; sharded ones would be saved wrong.
+        raise InputError(f"{acc.distributed_type.name} is not supported yet; launch data parallel "
+                         "(torchrun / accelerate launch without --use_fsdp)", field="launcher")
     set_seed(seed)
     return acc
 
