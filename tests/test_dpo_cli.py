@@ -237,3 +237,15 @@ def test_packed_and_padded_batches_train_identically(tiny_model_dir, prefs, tmp_
     for ra, rb in zip(metrics(a), metrics(b)):
         for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=2e-5), key
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_changes_memory_not_results(lora, tiny_model_dir, prefs, tmp_path):
+    extra = ["--lora-r", "4"] if lora else []
+    a, b = tmp_path / "plain", tmp_path / "ckpt"
+    assert cli.main(args(tiny_model_dir, prefs, a, *extra)) == 0
+    assert cli.main(args(tiny_model_dir, prefs, b, "--gradient-checkpointing", *extra)) == 0
+    for ra, rb in zip(metrics(a), metrics(b)):
+        for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=2e-5), key
+    assert metrics(b)[-1]["grad_norm"] > 0

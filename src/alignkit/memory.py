@@ -3,9 +3,10 @@
 glibc serves large allocations with mmap (returned to the OS on free) only above a threshold
 that it *raises* each time such a block is freed, up to 32 MiB; after the first training step
 most activation- and gradient-sized blocks therefore come from the heap and stay in the
-process after they are freed. Peak RSS then grows step after step (measured on the tiny
-benchmark model: 752 -> 707 MB fp32, 1059 -> 859 MB bf16 with a fixed threshold; tokens/s
-unchanged within noise). Fixing the threshold keeps every block of 64 KiB or more on mmap.
+process after they are freed. Measured on the tiny benchmark model (defaults, 14 steps): peak
+RSS 748 -> 705 MB; the price is page faults on every large allocation, about 5-10% of tokens/s
+in those runs (noisy; an 8 MiB threshold kept the speed but saved only ~20 MB). Fixing the
+threshold keeps every block of 64 KiB or more on mmap.
 """
 
 from __future__ import annotations

@@ -150,7 +150,8 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
                                    model.precision, train_cfg.progress)
         del ref_model
     if model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        # non-reentrant: works when the inputs need no grad (LoRA, frozen embeddings)
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.config.use_cache = False
     if model.lora_r:
         policy = add_lora(policy, r=model.lora_r, alpha=model.lora_alpha, dropout=model.lora_dropout)
