@@ -40,8 +40,10 @@ class DataConfig(_Section):
     max_prompt_length: int = Field(256, ge=1, description="max prompt tokens (the END of the prompt is kept)")
     chat_template_for_plain: bool = Field(False, description="render plain-string prompts with the tokenizer's chat template too")
     skip_invalid: bool = Field(False, description="skip bad rows (and report how many of each kind) instead of stopping")
-    packing: bool = Field(True, description="pack each micro-batch into one row without padding (verified on the model "
-                                            "against the padded layout first; falls back to padding if they differ)")
+    layout: Literal["shared", "packed", "padded"] = Field(
+        "shared", description="batch layout: shared = each pair's prompt run once for both completions, packed = "
+                              "sequences end to end without padding, padded = one padded row per sequence; the first "
+                              "two are checked on the model against padded before training (fallback: padded)")
 
     @field_validator("data", "eval_data", mode="before")
     @classmethod

@@ -14,13 +14,13 @@ import sys
 from array import array
 
 from ..errors import InputError
-from .collate import collate_pairs, collate_pairs_packed
+from .collate import collate_pairs, collate_pairs_packed, collate_pairs_shared
 from .preference import PreferenceExample, validate_preference_row
 from .readers import Record, read_records
 from .report import DataReport
 from .tokenize import EncodedPair, check_lengths, encode_preference
 
-__all__ = ["DataReport", "EncodedPair", "PreferenceExample", "Record", "collate_pairs", "collate_pairs_packed",
+__all__ = ["DataReport", "EncodedPair", "PreferenceExample", "Record", "collate_pairs", "collate_pairs_packed", "collate_pairs_shared",
            "encode_preference", "fingerprint", "load_preference_data", "read_records",
            "validate_preference_row"]
 

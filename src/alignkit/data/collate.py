@@ -77,3 +77,50 @@ def collate_pairs_packed(pairs: list[EncodedPair], pad_token_id: int, pad_to_mul
     return {"input_ids": as_row(ids, torch.long), "attention_mask": attention,
             "position_ids": as_row(pos, torch.long), "completion_mask": as_row(comp, torch.bool),
             "seq_ids": as_row(seq, torch.long), "index": torch.tensor([p.index for p in pairs], dtype=torch.long)}
+
+
+def collate_pairs_shared(pairs: list[EncodedPair], pad_token_id: int, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Prefix sharing: each pair as ``prompt + chosen + rejected`` in ONE row, the prompt run once.
+
+    The rejected tokens attend to the prompt and to themselves, never to the chosen tokens, and
+    continue the prompt's positions, so each completion sees exactly the context it would see
+    alone; the first rejected token is predicted from the prompt's last state (``prev_index``).
+    A pair costs P + C + R tokens instead of 2P + C + R.
+
+    Returns ``input_ids``, ``position_ids``, ``completion_mask``, ``seq_ids`` (chosen of pair k: k,
+    rejected: B + k, others -1), ``prev_index`` (1, L); ``attention_mask`` (1, 1, L, L) bool;
+    ``num_tokens``: the tokens of the 2B sequences as if unshared (for tokens/s); ``index`` (B,).
+    """
+    if not pairs:
+        raise ValueError("collate_pairs_shared needs at least one pair")
+    b = len(pairs)
+    ids, pos, comp, seq, prev, block, part = [], [], [], [], [], [], []
+    for k, p in enumerate(pairs):
+        start, n_p, n_c = len(ids), len(p.prompt_ids), len(p.chosen_ids)
+        ids += p.prompt_ids + p.chosen_ids + p.rejected_ids
+        pos += list(range(n_p + n_c)) + list(range(n_p, n_p + len(p.rejected_ids)))
+        comp += [False] * n_p + [True] * (n_c + len(p.rejected_ids))
+        seq += [-1] * n_p + [k] * n_c + [b + k] * len(p.rejected_ids)
+        prev += list(range(start - 1, start + n_p + n_c - 1)) + [start + n_p - 1] + \
+            list(range(start + n_p + n_c, start + n_p + n_c + len(p.rejected_ids) - 1))
+        block += [k] * (n_p + n_c + len(p.rejected_ids))
+        part += [0] * n_p + [1] * n_c + [2] * len(p.rejected_ids)  # 0 prompt, 1 chosen, 2 rejected
+    real = len(ids)
+    filler = -real % pad_to_multiple  # its own block, so each of its rows attends to something
+    ids += [pad_token_id] * filler
+    pos += range(filler)
+    comp += [False] * filler
+    seq += [-1] * filler
+    prev += range(real - 1, real + filler - 1)
+    block += [b] * filler
+    part += [0] * filler
+    blk, prt = torch.tensor(block), torch.tensor(part)
+    same_pair = blk[:, None] == blk[None, :]  # (L, L)
+    causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+    rejected_sees_chosen = (prt[:, None] == 2) & (prt[None, :] == 1)
+    mask = same_pair & causal & ~rejected_sees_chosen  # (L, L): query i may attend key j
+    row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
+    return {"input_ids": row(ids), "position_ids": row(pos), "completion_mask": row(comp).bool(),
+            "seq_ids": row(seq), "prev_index": row(prev), "attention_mask": mask[None, None],
+            "num_tokens": sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
+            "index": torch.tensor([p.index for p in pairs], dtype=torch.long)}

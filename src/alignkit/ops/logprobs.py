@@ -150,36 +150,44 @@ def _has_plain_head(causal: nn.Module) -> bool:
 
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                   prev_index: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token log-probs of completion tokens, (B, T) float32 (float64 for float64 models), zero off the completion.
 
     input_ids, attention_mask: (B, T); completion_mask: (B, T) bool, True on completion tokens.
-    Position t holds log π(x_t | x_<t); position 0 can never be a scored token.
-    ``position_ids`` (B, T) marks packed rows (positions restart at each sequence); the model
-    is then called without an attention mask so that transformers masks block-diagonally.
+    Position t holds log π(x_t | context); position 0 can never be a scored token.
+    Layouts: padded rows (the default); packed rows, marked by ``position_ids`` (B, T) restarting at
+    each sequence, with the model called without a 2D mask so transformers masks block-diagonally;
+    prefix-shared rows, where ``attention_mask`` is a (B, 1, T, T) bool mask given to the model as is
+    and ``prev_index`` (B, T) names the position whose state predicts each token (else t - 1).
     """
     causal = _causal_lm(model)
+    shared = attention_mask.dim() == 4
     # use_cache=False: a training forward needs no KV cache (and with one, transformers would
     # not build the packed block-diagonal mask).
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
-        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
-    targets_mask = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # (B, T-1)
-    targets = input_ids[:, 1:][targets_mask]  # (N,)
+        inputs["position_ids"] = position_ids
+        if not shared:
+            del inputs["attention_mask"]
+    scored = completion_mask.bool() & (torch.ones_like(completion_mask, dtype=torch.bool) if shared
+                                       else attention_mask.bool())
+    scored[:, 0] = False
+    rows, cols = scored.nonzero(as_tuple=True)  # (N,) each: the tokens to score
+    prev = cols - 1 if prev_index is None else prev_index[rows, cols]  # (N,) the states predicting them
+    targets = input_ids[rows, cols]  # (N,)
     if _has_plain_head(causal):
         backbone = getattr(causal, causal.base_model_prefix)
         hidden = backbone(**inputs).last_hidden_state  # (B, T, H)
-        rows = hidden[:, :-1][targets_mask]  # (N, H): states that predict a completion token
         head = causal.get_output_embeddings()
-        logps = linear_token_logprobs(rows, head.weight, head.bias, targets)  # (N,)
+        logps = linear_token_logprobs(hidden[rows, prev], head.weight, head.bias, targets)  # (N,)
     else:  # models with soft-capped or scaled logits: take the logits as the model gives them
         logits = model(**inputs).logits  # (B, T, V)
-        sel = logits[:, :-1][targets_mask]  # (N, V)
+        sel = logits[rows, prev]  # (N, V)
         sel = sel.to(torch.promote_types(sel.dtype, torch.float32))
         logps = sel.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(sel, dim=-1)
-    shifted = torch.zeros(targets_mask.shape, dtype=logps.dtype, device=input_ids.device)
-    shifted = shifted.masked_scatter(targets_mask, logps)  # (B, T-1), differentiable
-    return nn.functional.pad(shifted, (1, 0))  # (B, T): position 0 is never scored
+    out = torch.zeros(input_ids.shape, dtype=logps.dtype, device=input_ids.device)
+    return out.index_put((rows, cols), logps)  # (B, T), differentiable
 
 
 def sequence_logprobs(token_logps: torch.Tensor, completion_mask: torch.Tensor,
@@ -209,7 +217,8 @@ def batch_sequence_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor
 
     ``model`` is a CompletionLogProbs module (possibly DDP-wrapped) or a bare causal LM.
     """
-    args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"], batch.get("position_ids"))
+    args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"], batch.get("position_ids"),
+            batch.get("prev_index"))
     tok = model(*args) if _is_completion_module(model) else token_logprobs(model, *args)
     num_seqs = 2 * batch["index"].shape[0]
     return sequence_logprobs(tok, batch["completion_mask"], batch.get("seq_ids"), num_seqs)
@@ -232,8 +241,8 @@ class CompletionLogProbs(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None):  # (B, T) each -> (B, T)
-        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, position_ids)
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, prev_index=None):
+        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, position_ids, prev_index)
 
 
 def naive_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from .. import losses
 from ..config import DataConfig, DPOConfig, ModelConfig, TrainConfig
-from ..data import collate_pairs, collate_pairs_packed, fingerprint, load_preference_data
+from ..data import collate_pairs, collate_pairs_packed, collate_pairs_shared, fingerprint, load_preference_data
 from ..errors import InputError
 from ..models import add_lora, frozen_copy, load_causal_lm, load_tokenizer, reference_context, save_model
 from ..ops.logprobs import CompletionLogProbs, batch_sequence_logprobs
@@ -31,12 +31,25 @@ class DPOExample:
     ref_rejected: float | None = None
 
 
-def collate_dpo(items: list[DPOExample], *, pad_token_id: int, packed: bool = False,
+# A prefix-shared row needs an (L, L) mask; longer rows are packed instead.
+MAX_SHARED_ROW = 4096
+
+
+def collate_layout(pairs: list, *, layout: str, pad_token_id: int, pad_to_multiple: int = 1) -> dict:
+    """Collate pairs in the chosen layout (see DataConfig.layout)."""
+    if layout == "shared" and sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                                  for p in pairs) <= MAX_SHARED_ROW:
+        return collate_pairs_shared(pairs, pad_token_id, pad_to_multiple)
+    if layout in ("shared", "packed"):
+        return collate_pairs_packed(pairs, pad_token_id, pad_to_multiple)
+    return collate_pairs(pairs, pad_token_id)
+
+
+def collate_dpo(items: list[DPOExample], *, layout: str = "padded", pad_token_id: int,
                 pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Chosen then rejected sequences for one forward (padded (2B, T) or packed (1, L)),
-    plus cached reference log-probs (B,)."""
-    pairs = [it.pair for it in items]
-    batch = collate_pairs_packed(pairs, pad_token_id, pad_to_multiple) if packed else collate_pairs(pairs, pad_token_id)
+    """Chosen and rejected sequences of B pairs for one forward, plus cached reference log-probs (B,)."""
+    batch = collate_layout([it.pair for it in items], layout=layout, pad_token_id=pad_token_id,
+                           pad_to_multiple=pad_to_multiple)
     if items and items[0].ref_chosen is not None:
         batch["ref_chosen"] = torch.tensor([it.ref_chosen for it in items], dtype=torch.float64)
         batch["ref_rejected"] = torch.tensor([it.ref_rejected for it in items], dtype=torch.float64)
@@ -65,21 +78,24 @@ def dpo_step(module, batch: dict, *, spec: losses.LossSpec, beta: float, label_s
         "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
         "logps/chosen": total[:b].detach().sum(), "logps/rejected": total[b:].detach().sum(),
     }
-    return StepOutput(loss_sum=loss.sum(), count=b, metrics=metrics, tokens=int(batch["attention_mask"].sum()))
+    # tokens of the 2B sequences as a padded batch holds them (prefix sharing runs fewer)
+    tokens = batch["num_tokens"] if "num_tokens" in batch else int(batch["attention_mask"].sum())
+    return StepOutput(loss_sum=loss.sum(), count=b, metrics=metrics, tokens=tokens)
 
 
 @torch.no_grad()
-def packing_matches(model, pairs: list, pad_token_id: int) -> bool:
-    """Do packed rows give this model the same sequence log-probs as padded rows?
+def layout_matches(model, pairs: list, layout: str, pad_token_id: int) -> bool:
+    """Does ``layout`` give this model the same sequence log-probs as padded rows?
 
-    Packing relies on the model turning restarting ``position_ids`` into a block-diagonal mask;
-    an architecture that ignores them would let sequences attend to each other. One forward on a
-    few real pairs tells, before any training.
+    Packing relies on the model turning restarting ``position_ids`` into a block-diagonal mask,
+    prefix sharing on it taking a 4D mask and explicit positions; an architecture that ignored
+    either would let sequences see each other. One forward on a few real pairs tells, before
+    any training.
     """
     sample = pairs[:4]
     padded, _, _ = batch_sequence_logprobs(model, collate_pairs(sample, pad_token_id))
-    packed, _, _ = batch_sequence_logprobs(model, collate_pairs_packed(sample, pad_token_id))
-    return bool(torch.allclose(padded, packed, rtol=1e-4, atol=1e-3))
+    other, _, _ = batch_sequence_logprobs(model, collate_layout(sample, layout=layout, pad_token_id=pad_token_id))
+    return bool(torch.allclose(padded, other, rtol=1e-4, atol=1e-3))
 
 
 def _on_the_fly_reference(ref_model) -> Callable[[dict], tuple]:
@@ -133,13 +149,13 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
     out_dir = prepare_output_dir(accelerator, train_cfg, {"model": model, "data": data, "train": train_cfg, "dpo": dpo})
 
     policy = load_causal_lm(model.model, trust_remote_code=model.trust_remote_code)
-    packed = data.packing and packing_matches(policy, pairs, tokenizer.pad_token_id)
-    if data.packing and not packed:
-        accelerator.print("note: this model mixes packed sequences; using padded batches instead")
+    layout = data.layout
+    if layout != "padded" and not layout_matches(policy, pairs, layout, tokenizer.pad_token_id):
+        accelerator.print(f"note: this model does not support the '{layout}' layout exactly; using padded batches")
+        layout = "padded"
     # bf16 on CPU keeps per-shape kernel state: round packed rows to 64 tokens (see collate_pairs_packed)
-    multiple = 64 if model.precision == "bf16" and packed else 1
-    collate_raw = partial(collate_pairs_packed, pad_token_id=tokenizer.pad_token_id, pad_to_multiple=multiple) \
-        if packed else partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
+    multiple = 64 if model.precision == "bf16" else 1
+    collate_raw = partial(collate_layout, layout=layout, pad_token_id=tokenizer.pad_token_id, pad_to_multiple=multiple)
     splits = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
     tables, reference = {}, None
     if spec.needs_reference and dpo.ref_cache:
@@ -172,7 +188,7 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
     step_fn = partial(dpo_step, spec=spec, beta=beta, label_smoothing=dpo.label_smoothing,
                       gamma=dpo.gamma, lam=dpo.lam, reference=reference)
     train(accelerator=accelerator, module=CompletionLogProbs(policy), save_target=policy,
-          examples=wrap("train", pairs), collate=partial(collate_dpo, pad_token_id=tokenizer.pad_token_id, packed=packed,
+          examples=wrap("train", pairs), collate=partial(collate_dpo, layout=layout, pad_token_id=tokenizer.pad_token_id,
                                                     pad_to_multiple=multiple),
           step_fn=step_fn, cfg=train_cfg, out_dir=out_dir,
           eval_examples=wrap("eval", eval_pairs) if eval_pairs else None)
