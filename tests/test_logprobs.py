@@ -167,9 +167,11 @@ def test_packed_and_shared_rows_equal_padded_rows_values_and_grads():
         torch.testing.assert_close(packed[0], padded[0], rtol=0, atol=1e-10)
         torch.testing.assert_close(packed[1], padded[1], rtol=0, atol=1e-10)
         assert packed[2].tolist() == padded[2].tolist()
-        # Shared-prefix gradients differ from padded (and from one-sequence-at-a-time) by ~1e-7
-        # relative even in float64 while the values agree to 1e-15; not yet explained (see the
-        # issue note). A wrong mask or position gives O(1) differences, far outside this bound.
+        # Shared prefix: the prompt's K/V gradient from BOTH completions is summed inside the
+        # attention kernel, which rounds to float32 internally even for float64 inputs (eager
+        # attention takes its softmax in float32 too), where padded rows sum the two copies in
+        # float64: ~1e-7 relative. With only chosen or only rejected weighted the two layouts
+        # agree to 1e-16. A wrong mask or position gives O(1) differences, far outside this bound.
         tol = dict(rtol=1e-8, atol=1e-11) if layout == "packed" else dict(rtol=1e-5, atol=1e-5)
         for name in padded[3]:
             torch.testing.assert_close(packed[3][name], padded[3][name], **tol, msg=name)
