@@ -252,3 +252,19 @@ def test_gradient_checkpointing_changes_memory_not_results(lora, tiny_model_dir,
         for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=2e-5), key
     assert metrics(b)[-1]["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_lora_bf16_saves_fp32_adapter_and_merge_keeps_fp32_base(merge, tiny_model_dir, prefs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    extra = ["--merge"] if merge else []
+    assert cli.main(args(tiny_model_dir, prefs, out, "--lora-r", "4", "--precision", "bf16", *extra)) == 0
+    assert all(math.isfinite(r["loss"]) for r in metrics(out))
+    adapter = load_file(str((out / "adapter" if merge else out) / "adapter_model.safetensors"))
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+    if merge:  # merged on the untouched fp32 base, not on a bf16-rounded copy
+        merged = load_file(str(out / "model.safetensors"))
+        assert all(t.dtype == torch.float32 for t in merged.values())
+        AutoModelForCausalLM.from_pretrained(out)

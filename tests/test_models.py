@@ -214,3 +214,22 @@ def test_embedded_model_cached_and_answers():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_frozen_linears_in_bf16_match_autocast_exactly(tiny_model):
+    """Storing frozen projections in bf16 gives the same logits under bf16 autocast as casting them
+    on every call (what autocast does), while trainable LoRA weights and the head stay fp32."""
+    import copy
+
+    from alignkit.models import add_lora, store_frozen_linears_in
+
+    model = add_lora(copy.deepcopy(tiny_model), r=4)
+    ids = torch.tensor([[5, 17, 300, 9, 44, 8]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids).logits
+    assert store_frozen_linears_in(model, torch.bfloat16) > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert model.get_output_embeddings().weight.dtype == torch.float32

@@ -308,3 +308,22 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights are counted once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def store_frozen_linears_in(model, dtype: torch.dtype) -> int:
+    """Store the weights of frozen linear layers (a LoRA run's base projections) in ``dtype``.
+
+    Under bf16 autocast every matmul casts its fp32 weight to bf16 on each call; for frozen
+    weights that cast is pure overhead (about a fifth of a LoRA step on the embedded model) and
+    the stored copy is bit-identical to what autocast would make. The LM head (often tied to the
+    embeddings) and the norms stay fp32 so the residual stream keeps its precision. Returns the
+    number of layers converted.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and not module.weight.requires_grad \
+                and module.weight.dtype != dtype:
+            module.to(dtype)
+            converted += 1
+    return converted

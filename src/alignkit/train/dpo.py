@@ -17,7 +17,8 @@ from .. import losses
 from ..config import DataConfig, DPOConfig, ModelConfig, TrainConfig
 from ..data import collate_pairs, collate_pairs_packed, collate_pairs_shared, fingerprint, load_preference_data
 from ..errors import InputError
-from ..models import add_lora, frozen_copy, load_causal_lm, load_tokenizer, reference_context, save_model
+from ..models import (add_lora, frozen_copy, load_causal_lm, load_tokenizer, reference_context, save_model,
+                      store_frozen_linears_in)
 from ..ops.logprobs import CompletionLogProbs, batch_sequence_logprobs
 from . import reference as refs
 from .loop import StepOutput, train
@@ -171,6 +172,8 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
         policy.config.use_cache = False
     if model.lora_r:
         policy = add_lora(policy, r=model.lora_r, alpha=model.lora_alpha, dropout=model.lora_dropout)
+        if model.precision == "bf16" and not model.merge:  # --merge needs the fp32 base weights at the end
+            store_frozen_linears_in(policy, torch.bfloat16)
     if spec.needs_reference and not dpo.ref_cache:
         if model.ref_model:
             ref_model = load_causal_lm(model.ref_model, trust_remote_code=model.trust_remote_code)
