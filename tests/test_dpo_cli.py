@@ -268,3 +268,9 @@ def test_lora_bf16_saves_fp32_adapter_and_merge_keeps_fp32_base(merge, tiny_mode
         merged = load_file(str(out / "model.safetensors"))
         assert all(t.dtype == torch.float32 for t in merged.values())
         AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_runs_with_different_precisions_in_one_process(tiny_model_dir, prefs, tmp_path):
+    """accelerate's process-wide state must not leak from one run into the next."""
+    for i, precision in enumerate(["fp32", "bf16", "fp32"]):
+        assert cli.main(args(tiny_model_dir, prefs, tmp_path / f"run{i}", "--precision", precision)) == 0

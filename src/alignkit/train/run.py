@@ -14,7 +14,14 @@ from ..errors import InputError
 def make_accelerator(precision: str, seed: int):
     """An ``accelerate`` Accelerator: one process, or data parallel under torchrun/accelerate launch."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
+
+    # accelerate keeps its settings in process-wide singletons: a second run in the same process
+    # (a notebook, a test, a pipeline of recipes) with another precision would be refused. Reset
+    # them, keeping the process group (PartialState).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
     # cpu=True when there is no GPU: accelerate only sets up gloo data parallelism under
     # torchrun when told it runs on the CPU.
