@@ -48,3 +48,17 @@ def tiny_model_dir(tmp_path, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def sample_prefs(tmp_path):
+    """Factory: a JSONL file with the first n rows of the shipped preference data."""
+    from importlib.resources import files
+
+    def make(n: int):
+        rows = (files("alignkit") / "sample_data" / "prefs.jsonl").read_text().splitlines()[:n]
+        path = tmp_path / f"prefs-{n}.jsonl"
+        path.write_text("\n".join(rows) + "\n")
+        return path
+
+    return make

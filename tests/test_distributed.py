@@ -14,13 +14,8 @@ from safetensors.torch import load_file
 
 
 @pytest.fixture
-def prefs(tmp_path):
-    from importlib.resources import files
-
-    rows = (files("alignkit") / "sample_data" / "prefs.jsonl").read_text().splitlines()[:16]
-    path = tmp_path / "prefs.jsonl"
-    path.write_text("\n".join(rows) + "\n")
-    return path
+def prefs(sample_prefs):
+    return sample_prefs(16)
 
 
 def _common(model_dir, data, out, batch):

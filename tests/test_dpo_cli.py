@@ -23,13 +23,8 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def prefs(tmp_path):
-    from importlib.resources import files
-
-    rows = (files("alignkit") / "sample_data" / "prefs.jsonl").read_text().splitlines()[:8]
-    path = tmp_path / "prefs.jsonl"
-    path.write_text("\n".join(rows) + "\n")
-    return path
+def prefs(sample_prefs):
+    return sample_prefs(8)
 
 
 def args(model_dir, data, out, *extra):
@@ -39,6 +34,16 @@ def args(model_dir, data, out, *extra):
 
 def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(a, b, keys, rel=1e-4, abs_=2e-5):
+    """Two runs logged the same values. float32 sums of ~-150 differ by ~1e-5 between batchings
+    (another layout or padding changes the matmul shapes), hence abs 2e-5 by default."""
+    rows_a, rows_b = metrics(a), metrics(b)
+    assert len(rows_a) == len(rows_b)
+    for ra, rb in zip(rows_a, rows_b):
+        for key in keys:
+            assert ra[key] == pytest.approx(rb[key], rel=rel, abs=abs_), key
 
 
 def digest(path):
@@ -83,10 +88,8 @@ def test_cached_and_on_the_fly_reference_agree(lora, tiny_model_dir, prefs, tmp_
     a, b = tmp_path / "cached", tmp_path / "fly"
     assert cli.main(args(tiny_model_dir, prefs, a, *extra)) == 0
     assert cli.main(args(tiny_model_dir, prefs, b, "--no-ref-cache", *extra)) == 0
-    for ra, rb in zip(metrics(a), metrics(b)):
-        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
-            # float32 sums of ~-150 differ by ~1e-5 between batchings (padding changes the matmul shapes)
-            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=2e-5), key
+    assert_same_metrics(a, b, ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"),
+                        rel=1e-5)
     assert metrics(a)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
 
 
@@ -235,9 +238,7 @@ def test_shared_and_packed_batches_train_like_padded(layout, tiny_model_dir, pre
     a, b = tmp_path / layout, tmp_path / "padded"
     assert cli.main(args(tiny_model_dir, prefs, a, "--layout", layout)) == 0
     assert cli.main(args(tiny_model_dir, prefs, b, "--layout", "padded")) == 0
-    for ra, rb in zip(metrics(a), metrics(b)):
-        for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=2e-5), key
+    assert_same_metrics(a, b, ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"))
     if layout == "shared":  # tokens/s counts the sequences' tokens, whatever the layout ran
         assert metrics(a)[0]["tokens_per_second"] > 0
 
@@ -248,9 +249,7 @@ def test_gradient_checkpointing_changes_memory_not_results(lora, tiny_model_dir,
     a, b = tmp_path / "plain", tmp_path / "ckpt"
     assert cli.main(args(tiny_model_dir, prefs, a, *extra)) == 0
     assert cli.main(args(tiny_model_dir, prefs, b, "--gradient-checkpointing", *extra)) == 0
-    for ra, rb in zip(metrics(a), metrics(b)):
-        for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=2e-5), key
+    assert_same_metrics(a, b, ("loss", "grad_norm", "logps/chosen", "rewards/margins"))
     assert metrics(b)[-1]["grad_norm"] > 0
 
 

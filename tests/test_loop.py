@@ -90,13 +90,8 @@ def _train_args(model_dir, data, out, *extra):
 
 
 @pytest.fixture
-def small_prefs(tmp_path):
-    from importlib.resources import files
-
-    rows = (files("alignkit") / "sample_data" / "prefs.jsonl").read_text().splitlines()[:12]
-    path = tmp_path / "prefs.jsonl"
-    path.write_text("\n".join(rows) + "\n")
-    return path
+def small_prefs(sample_prefs):
+    return sample_prefs(12)
 
 
 @pytest.fixture(autouse=True)
