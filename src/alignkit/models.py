@@ -316,10 +316,16 @@ def store_frozen_linears_in(model, dtype: torch.dtype) -> int:
     Under bf16 autocast every matmul casts its fp32 weight to bf16 on each call; for frozen
     weights that cast is pure overhead (about a fifth of a LoRA step on the embedded model) and
     the stored copy is bit-identical to what autocast would make. The LM head (often tied to the
-    embeddings) and the norms stay fp32 so the residual stream keeps its precision. Returns the
-    number of layers converted.
+    embeddings) and the norms stay fp32 so the residual stream keeps its precision. peft's
+    up-cast of adapter inputs to the fp32 adapter weights is switched off as well (autocast
+    casts them straight back). Trainable weights stay fp32. Returns the number of layers converted.
     """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):  # peft would cast bf16 inputs up to the fp32 adapter
+            module.cast_input_dtype_enabled = False  # weights, and autocast back down again
     converted = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head and not module.weight.requires_grad \
