@@ -239,8 +239,6 @@ def test_shared_and_packed_batches_train_like_padded(layout, tiny_model_dir, pre
     assert cli.main(args(tiny_model_dir, prefs, a, "--layout", layout)) == 0
     assert cli.main(args(tiny_model_dir, prefs, b, "--layout", "padded")) == 0
     assert_same_metrics(a, b, ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"))
-    if layout == "shared":  # tokens/s counts the sequences' tokens, whatever the layout ran
-        assert metrics(a)[0]["tokens_per_second"] > 0
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -177,6 +177,9 @@ def test_packed_and_shared_rows_equal_padded_rows_values_and_grads():
             torch.testing.assert_close(packed[3][name], padded[3][name], **tol, msg=name)
     batch = collate_pairs_packed(pairs, 2)
     assert batch["input_ids"].shape[0] == 1 and (batch["attention_mask"] == 1).all()  # no padding at all
+    # tokens/s counts the tokens of the 2B sequences as a padded batch holds them, whatever ran
+    assert collate_pairs_shared(pairs, 2)["num_tokens"] == int(collate_pairs(pairs, 2)["attention_mask"].sum())
+    assert collate_pairs_shared(pairs, 2)["input_ids"].shape[1] < batch["input_ids"].shape[1]  # prompts once
     rounded = filled(pairs, 2)
     assert rounded["input_ids"].shape[1] % 16 == 0 and rounded["input_ids"].shape[1] > batch["input_ids"].shape[1]
     assert rounded["attention_mask"].sum() == batch["input_ids"].shape[1]  # filler is not counted as tokens
