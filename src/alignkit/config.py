@@ -107,7 +107,7 @@ def flatten_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     for key_node, value_node in root.value:
         key = str(key_node.value).replace("-", "_")
         if isinstance(data.get(key_node.value), dict):  # a section: model:, data:, ...
-            for k2, v2 in value_node.value:
+            for k2, _ in value_node.value:
                 name = str(k2.value).replace("-", "_")
                 flat[name] = data[key_node.value][k2.value]
                 lines[name] = k2.start_mark.line + 1

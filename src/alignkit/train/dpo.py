@@ -90,13 +90,17 @@ def layout_matches(model, pairs: list, layout: str, pad_token_id: int) -> bool:
 
     Packing relies on the model turning restarting ``position_ids`` into a block-diagonal mask,
     prefix sharing on it taking a 4D mask and explicit positions; an architecture that ignored
-    either would let sequences see each other. One forward on a few real pairs tells, before
-    any training.
+    either would let sequences see each other. One forward per layout on a few real pairs tells,
+    before any training. "shared" also checks "packed", its fallback for rows over MAX_SHARED_ROW.
     """
     sample = pairs[:4]
     padded, _, _ = batch_sequence_logprobs(model, collate_pairs(sample, pad_token_id))
-    other, _, _ = batch_sequence_logprobs(model, collate_layout(sample, layout=layout, pad_token_id=pad_token_id))
-    return bool(torch.allclose(padded, other, rtol=1e-4, atol=1e-3))
+    collates = {"shared": [collate_pairs_shared, collate_pairs_packed], "packed": [collate_pairs_packed]}[layout]
+    for collate in collates:
+        other, _, _ = batch_sequence_logprobs(model, collate(sample, pad_token_id))
+        if not torch.allclose(padded, other, rtol=1e-4, atol=1e-3):
+            return False
+    return True
 
 
 def _on_the_fly_reference(ref_model) -> Callable[[dict], tuple]:

@@ -17,6 +17,7 @@ processes of batch 4 — the bug class of transformers#34191 cannot happen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -53,6 +54,12 @@ class LoopResult:
 
 # ---------------------------------------------------------------- data order
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch; cached so a step does not redraw a permutation of the whole set."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 def stream_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
     """Dataset indices of optimizer step ``step``: positions [step*G, (step+1)*G) of the stream
     perm(seed, epoch 0) ++ perm(seed, epoch 1) ++ ... Depends on nothing but its arguments, so a
@@ -61,7 +68,7 @@ def stream_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]
     pos = step * global_batch
     while len(out) < global_batch:
         epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        perm = _epoch_order(n, seed, epoch)
         take = min(global_batch - len(out), n - offset)
         out.extend(perm[offset:offset + take].tolist())
         pos += take
