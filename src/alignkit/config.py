@@ -70,6 +70,8 @@ class TrainConfig(_Section):
     resume: bool = Field(False, description="continue from the newest checkpoint in --output-dir")
     overwrite: bool = Field(False, description="replace a run already in --output-dir")
     progress: bool = Field(True, description="show a progress bar")
+    fsdp: bool = Field(False, description="under torchrun / accelerate launch: shard weights, gradients and "
+                                          "optimizer state over processes (FSDP2) instead of replicating them")
 
 
 class DPOConfig(_Section):

@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..models import (add_lora, frozen_copy, load_causal_lm, load_tokenizer, reference_context, save_model,
                       store_frozen_linears_in)
 from ..ops.logprobs import CompletionLogProbs, batch_sequence_logprobs
+from . import fsdp
 from . import reference as refs
 from .loop import StepOutput, train
 from .run import finish_run, make_accelerator, prepare_output_dir
@@ -68,7 +69,7 @@ def dpo_step(module, batch: dict, *, spec: losses.LossSpec, beta: float, label_s
         if "ref_chosen" in batch:
             ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
         else:
-            ref_c, ref_r = reference(batch)
+            ref_c, ref_r = reference(module, batch)
         kwargs.update(reference_chosen_logps=ref_c.to(total.dtype), reference_rejected_logps=ref_r.to(total.dtype))
     if spec.length_normalised:
         kwargs.update(chosen_lengths=lengths[:b], rejected_lengths=lengths[b:])
@@ -103,12 +104,14 @@ def layout_matches(model, pairs: list, layout: str, pad_token_id: int) -> bool:
     return True
 
 
-def _on_the_fly_reference(ref_model) -> Callable[[dict], tuple]:
-    """Reference log-probs computed per batch, without gradients (adapters disabled under LoRA)."""
+def _on_the_fly_reference(ref_model, is_policy: bool) -> Callable[[object, dict], tuple]:
+    """Reference log-probs computed per batch, without gradients. With LoRA (``is_policy``) the
+    reference is the policy with adapters disabled, run through the loop's module (under FSDP
+    only that module's forward gathers the weights)."""
     @torch.no_grad()
-    def reference(batch):
+    def reference(module, batch):
         with reference_context(ref_model):
-            total, _, _ = batch_sequence_logprobs(ref_model, batch)
+            total, _, _ = batch_sequence_logprobs(module if is_policy else ref_model, batch)
         b = total.shape[0] // 2
         return total[:b], total[b:]
     return reference
@@ -176,7 +179,8 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
         policy.config.use_cache = False
     if model.lora_r:
         policy = add_lora(policy, r=model.lora_r, alpha=model.lora_alpha, dropout=model.lora_dropout)
-        if model.precision == "bf16" and not model.merge:  # --merge needs the fp32 base weights at the end
+        # --merge needs the fp32 base weights at the end; FSDP shards a unit's weights in one dtype
+        if model.precision == "bf16" and not model.merge and not fsdp.requested(train_cfg.fsdp):
             store_frozen_linears_in(policy, torch.bfloat16)
     if spec.needs_reference and not dpo.ref_cache:
         if model.ref_model:
@@ -184,7 +188,7 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
             ref_model.requires_grad_(False).eval()
         else:  # LoRA: same weights, adapters disabled; full fine-tuning: a frozen copy
             ref_model = policy if model.lora_r else frozen_copy(policy)
-        reference = _on_the_fly_reference(ref_model)
+        reference = _on_the_fly_reference(ref_model, is_policy=ref_model is policy)
 
     def wrap(split, items):
         if split not in tables:
@@ -194,10 +198,12 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
 
     step_fn = partial(dpo_step, spec=spec, beta=beta, label_smoothing=dpo.label_smoothing,
                       gamma=dpo.gamma, lam=dpo.lam, reference=reference)
-    train(accelerator=accelerator, module=CompletionLogProbs(policy), save_target=policy,
+    module = CompletionLogProbs(policy)
+    result = train(accelerator=accelerator, module=module, save_target=policy,
           examples=wrap("train", pairs), collate=partial(collate_dpo, layout=layout, pad_token_id=tokenizer.pad_token_id,
                                                     pad_to_multiple=multiple),
           step_fn=step_fn, cfg=train_cfg, out_dir=out_dir,
           eval_examples=wrap("eval", eval_pairs) if eval_pairs else None)
-    finish_run(accelerator, lambda: save_model(policy, tokenizer, out_dir, merge_lora=model.merge))
+    finish_run(accelerator, policy, lambda m: save_model(m, tokenizer, out_dir, merge_lora=model.merge),
+               sharded=module if result.sharded else None)
     return out_dir

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..errors import NonFiniteError
+from . import fsdp
 
 
 @dataclass
@@ -50,6 +51,7 @@ class StepOutput:
 class LoopResult:
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
+    sharded: bool = False                  # the module was sharded with FSDP (save via finish_run)
 
 
 # ---------------------------------------------------------------- data order
@@ -105,20 +107,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, scheduler,
-                    limit: int | None = None) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
+                    scheduler, limit: int | None = None) -> Path:
     """Write checkpoints/step-N atomically: into a temporary folder, then one rename.
     A crash mid-save leaves the previous checkpoint as the newest complete one."""
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = trainable_state(model)
-    if not all(torch.isfinite(t).all() for t in state.values()):
+    if not all(torch.isfinite(t).all() for t in trainable.values()):
         shutil.rmtree(tmp)
         raise NonFiniteError(f"refusing to checkpoint non-finite weights at step {step}")
-    save_file(state, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": _rng_state()}, tmp / "trainer_state.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(final, ignore_errors=True)
@@ -129,6 +130,14 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, sch
     return final
 
 
+def checkpoint_state(module: nn.Module, save_target: nn.Module, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """(trainable weights, optimizer state) to checkpoint. Under FSDP a collective: call it on
+    every process; rank 0 receives the full states."""
+    if sharded:
+        return fsdp.full_state(module, trainable_only=True), fsdp.full_optimizer_state(module, optimizer)
+    return trainable_state(save_target), optimizer.state_dict()
+
+
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders are never listed)."""
     if not ckpt_root.exists():
@@ -137,14 +146,18 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> int:
+def load_checkpoint(path: Path, module: nn.Module, save_target: nn.Module, optimizer, scheduler,
+                    sharded: bool = False) -> int:
     state = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in state.items():
-            params[k].copy_(v)
     extra = torch.load(path / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(extra["optimizer"])
+    if sharded:
+        fsdp.load_full_state(module, optimizer, state, extra["optimizer"])
+    else:
+        params = dict(save_target.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+        optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
     return json.loads((path / "state.json").read_text())["step"]
@@ -209,18 +222,22 @@ class _Window:
 
 
 def accumulate_gradients(accelerator, module: nn.Module, batches: list[dict], step_fn: Callable,
-                         global_batch: int) -> tuple[dict[str, torch.Tensor], int]:
+                         global_batch: int, sharded: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """Forward and backward over this process's micro-batches of one optimizer step.
 
     Each micro-batch's summed loss is scaled by world/G (DDP then averages over the world), so
     the accumulated gradient is d(mean loss over the step's G examples) whatever the split.
+    Gradients are synchronised (DDP all-reduce, FSDP reduce-scatter) on the last micro-batch only.
     Returns this process's metric sums (loss included) and real-token count.
     """
     world = accelerator.num_processes
     sums: dict[str, torch.Tensor] = {"loss": torch.zeros(())}
     tokens = 0
     for k, batch in enumerate(batches):
-        sync = accelerator.no_sync(module) if k < len(batches) - 1 else contextlib.nullcontext()
+        last = k == len(batches) - 1
+        if sharded:
+            fsdp.set_gradient_sync(module, last)
+        sync = accelerator.no_sync(module) if not (last or sharded) else contextlib.nullcontext()
         with sync:
             with accelerator.autocast():
                 out = step_fn(module, batch)
@@ -250,17 +267,25 @@ def _reduce(accelerator, values: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def evaluate(accelerator, module: nn.Module, examples: Sequence, collate: Callable,
-             step_fn: Callable, batch_size: int) -> dict[str, float]:
-    """Mean loss and metrics over held-out examples (each process takes a strided share)."""
+             step_fn: Callable, batch_size: int, sharded: bool = False) -> dict[str, float]:
+    """Mean loss and metrics over held-out examples (each process takes a strided share).
+
+    Under FSDP every forward is a collective, so a process whose share is shorter runs the same
+    number of forwards, on examples it then leaves out of the sums."""
     module.eval()
     sums: dict[str, torch.Tensor] = {"loss": torch.zeros(())}
     count = torch.zeros(())
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    rounds = math.ceil(math.ceil(len(examples) / accelerator.num_processes) / batch_size) if sharded \
+        else math.ceil(len(mine) / batch_size)
     with torch.no_grad():
-        for s in range(0, len(mine), batch_size):
-            batch = collate([examples[i] for i in mine[s:s + batch_size]])
+        for r in range(rounds):
+            idx = mine[r * batch_size:(r + 1) * batch_size]
+            batch = collate([examples[i] for i in (idx or [0])])
             with accelerator.autocast():
                 out = step_fn(module, batch)
+            if not idx:  # a padding forward (FSDP only)
+                continue
             sums["loss"] += out.loss_sum.detach().float()
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, torch.zeros(())) + v.float()
@@ -277,7 +302,9 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
           cfg: TrainConfig, out_dir: Path, eval_examples: Sequence | None = None) -> LoopResult:
     """Train ``module`` (whose trainable parameters belong to ``save_target``) and return the last metrics.
 
-    ``save_target`` is the unwrapped model whose trainable parameters are checkpointed.
+    ``save_target`` is the unwrapped model whose trainable parameters are checkpointed. With
+    ``cfg.fsdp`` (or ``accelerate launch --use_fsdp``) ``module`` is sharded in place (train/fsdp.py);
+    the recipe then saves through :func:`alignkit.train.run.finish_run` with ``sharded=module``.
     """
     from transformers import get_scheduler
     from tqdm.auto import tqdm
@@ -285,6 +312,9 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.batch_size * cfg.grad_accum * world
     steps = total_steps(cfg, len(examples), global_batch)
+    sharded = fsdp.requested(cfg.fsdp) and world > 1
+    if sharded:
+        fsdp.shard(module, save_target)  # before the optimizer: it must hold the sharded parameters
     params = [p for p in module.parameters() if p.requires_grad]
     # The fused kernel exists for CPU and CUDA; on this 2-core CPU it is ~8x faster than the
     # per-tensor loop, which was a quarter of a tiny model's step (benchmarks/README.md).
@@ -292,12 +322,13 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    if not sharded:
+        module, optimizer = accelerator.prepare(module, optimizer)
 
     ckpt_root = out_dir / "checkpoints"
     start = 0
     if cfg.resume and (found := list_checkpoints(ckpt_root)):
-        start = load_checkpoint(found[-1], save_target, optimizer, scheduler)
+        start = load_checkpoint(found[-1], module, save_target, optimizer, scheduler, sharded)
         accelerator.print(f"resuming from {found[-1]} (step {start} of {steps})")
     log = MetricsLog(out_dir, accelerator.is_main_process, resume_step=start)
     bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process),
@@ -310,13 +341,16 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
         micro = rank_micro_batches(stream_indices(step, len(examples), global_batch, cfg.seed),
                                    cfg.batch_size, rank, world)
         sums, tokens = accumulate_gradients(accelerator, module, [collate([examples[i] for i in idx]) for idx in micro],
-                                            step_fn, global_batch)
+                                            step_fn, global_batch, sharded)
         sums["_tokens"] = torch.tensor(float(tokens))
         sums = _reduce(accelerator, sums)
         tokens = int(sums.pop("_tokens").item())
         step_metrics = {k: (v / global_batch).item() for k, v in sums.items()}
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(accelerator.clip_grad_norm_(params, clip))
+        if sharded:
+            grad_norm = float(fsdp.full_norm(torch.nn.utils.clip_grad_norm_(params, clip)))
+        else:
+            grad_norm = float(accelerator.clip_grad_norm_(params, clip))
         _check_finite(step, step_metrics["loss"], grad_norm)
         step_metrics["grad_norm"] = grad_norm
         step_metrics["lr"] = scheduler.get_last_lr()[0]
@@ -332,15 +366,16 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
             last["epoch"] = done * global_batch / len(examples)
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
         if eval_examples and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-            record.update(evaluate(accelerator, module, eval_examples, collate, step_fn, cfg.batch_size))
+            record.update(evaluate(accelerator, module, eval_examples, collate, step_fn, cfg.batch_size, sharded))
         if record:
             log.log(done, record)
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+            trainable, optim_state = checkpoint_state(module, save_target, optimizer, sharded)
             if accelerator.is_main_process:
-                save_checkpoint(ckpt_root, done, save_target, optimizer, scheduler, cfg.save_limit)
+                save_checkpoint(ckpt_root, done, trainable, optim_state, scheduler, cfg.save_limit)
             accelerator.wait_for_everyone()
         bar.update(1)
     bar.close()
     log.close()
-    return LoopResult(step=steps, metrics=last)
+    return LoopResult(step=steps, metrics=last, sharded=sharded)
 

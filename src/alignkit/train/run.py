@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from ..config import TrainConfig, dump_config
 from ..errors import InputError
+from . import fsdp
 
 
 def make_accelerator(precision: str, seed: int):
@@ -26,10 +27,9 @@ def make_accelerator(precision: str, seed: int):
     # cpu=True when there is no GPU: accelerate only sets up gloo data parallelism under
     # torchrun when told it runs on the CPU.
     acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
-    if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # Checkpoints and the final save read whole parameters; sharded ones would be saved wrong.
-        raise InputError(f"{acc.distributed_type.name} is not supported yet; launch data parallel "
-                         "(torchrun / accelerate launch without --use_fsdp)", field="launcher")
+    if acc.distributed_type.name in ("DEEPSPEED", "MEGATRON_LM"):
+        raise InputError(f"{acc.distributed_type.name} is not supported; launch data parallel or FSDP "
+                         "(torchrun ... --fsdp, or accelerate launch --use_fsdp)", field="launcher")
     set_seed(seed)
     return acc
 
@@ -52,10 +52,19 @@ def prepare_output_dir(accelerator, cfg: TrainConfig, sections: dict) -> Path:
     return out
 
 
-def finish_run(accelerator, save: Callable[[], None]) -> None:
-    """Rank 0 writes the final model; every process waits for it, then leaves the process group."""
+def finish_run(accelerator, model, save: Callable[[Any], None], sharded=None) -> None:
+    """Rank 0 writes the final model (``save(model)``); every process waits for it.
+
+    ``sharded``: the loop's FSDP-sharded module holding ``model``. Its full weights are gathered
+    (every process takes part) and rank 0 saves an unsharded copy of the same architecture.
+    """
+    if sharded is not None:
+        state = fsdp.full_state(sharded, trainable_only=False)
+        if accelerator.is_main_process:
+            model = fsdp.unsharded_copy(model, state)
+        del state
     if accelerator.is_main_process:
-        save()
+        save(model)
     accelerator.wait_for_everyone()
 
 
