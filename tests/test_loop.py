@@ -65,7 +65,7 @@ def test_batch8_accum1_equals_batch2_accum4(kind):
     def grads(batch_size):
         model.zero_grad()
         batches = [collate(examples[s:s + batch_size]) for s in range(0, 8, batch_size)]
-        sums, _ = accumulate_gradients(acc, module, batches, step_fn, global_batch=8)
+        sums, _ = accumulate_gradients(acc, module, batches, step_fn, denominator=8)
         return {n: p.grad.clone() for n, p in model.named_parameters()}, sums["loss"] / 8
 
     g8, loss8 = grads(8)

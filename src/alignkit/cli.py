@@ -16,7 +16,12 @@ from typing import Any, get_args, get_origin
 from .config import SECTIONS, build_config, flatten_yaml
 from .errors import InputError, NonFiniteError
 
-COMMANDS = {"dpo": "direct preference optimisation (DPO, cDPO, IPO, SimPO, DPO-Positive, hinge, robust)"}
+COMMANDS = {
+    "sft": "supervised fine-tuning on demonstrations (prompt/completion or conversations)",
+    "rm": "train a reward model (scalar head) on preference pairs or K-wise rankings",
+    "dpo": "direct preference optimisation (DPO, cDPO, IPO, SimPO, DPO-Positive, hinge, robust)",
+    "score": "score responses with a reward model and write them as JSONL",
+}
 
 
 def _flag_type(annotation: Any):
@@ -81,6 +86,15 @@ def run(command: str, sections: dict) -> Path:
     if command == "dpo":
         from .train.dpo import run_dpo
         return run_dpo(sections["model"], sections["data"], sections["train"], sections["dpo"])
+    if command == "sft":
+        from .train.sft import run_sft
+        return run_sft(sections["model"], sections["data"], sections["train"], sections["sft"])
+    if command == "rm":
+        from .train.reward import run_rm
+        return run_rm(sections["model"], sections["data"], sections["train"], sections["rm"])
+    if command == "score":
+        from .score import run_score
+        return run_score(sections["score"])
     raise InputError(f"unknown command {command!r}", file="command line")
 
 

@@ -23,7 +23,6 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     model: str = Field(description="policy to train: a local folder, a hub id, a .gguf file, or 'smollm2-135m-instruct'")
-    ref_model: str | None = Field(None, description="reference model (default: the starting policy; with LoRA, the base with adapters disabled)")
     trust_remote_code: bool = Field(False, description="allow model code from the model folder/hub (off unless you turn it on)")
     lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning")
     lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (default 2 x rank)")
@@ -40,10 +39,6 @@ class DataConfig(_Section):
     max_prompt_length: int = Field(256, ge=1, description="max prompt tokens (the END of the prompt is kept)")
     chat_template_for_plain: bool = Field(False, description="render plain-string prompts with the tokenizer's chat template too")
     skip_invalid: bool = Field(False, description="skip bad rows (and report how many of each kind) instead of stopping")
-    layout: Literal["shared", "packed", "padded"] = Field(
-        "shared", description="batch layout: shared = each pair's prompt run once for both completions, packed = "
-                              "sequences end to end without padding, padded = one padded row per sequence; the first "
-                              "two are checked on the model against padded before training (fallback: padded)")
 
     @field_validator("data", "eval_data", mode="before")
     @classmethod
@@ -57,7 +52,8 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0, description="passes over the data (fractions allowed)")
     batch_size: int = Field(4, ge=1, description="examples (pairs) per micro-batch per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
+    lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW); per-command defaults: dpo 5e-6, "
+                                               "sft 2e-5, rm 1e-5")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="fraction of steps for linear warm-up")
@@ -75,17 +71,64 @@ class TrainConfig(_Section):
 
 
 class DPOConfig(_Section):
+    ref_model: str | None = Field(None, description="reference model (default: the starting policy; with LoRA, the base with adapters disabled)")
     loss: str = Field("dpo", description="dpo, cdpo, ipo, simpo, dpop, hinge or robust")
     beta: float | None = Field(None, gt=0, description="beta (default per loss: 0.1; simpo 2.0)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO / robust DPO: probability a label is flipped")
     gamma: float = Field(1.0, ge=0, description="SimPO target margin, in reward units")
     lam: float = Field(50.0, ge=0, description="DPO-Positive lambda")
     ref_cache: bool = Field(True, description="compute reference log-probs once before training and cache them on disk")
+    layout: Literal["shared", "packed", "padded"] = Field(
+        "shared", description="batch layout: shared = each pair's prompt run once for both completions, packed = "
+                              "sequences end to end without padding, padded = one padded row per sequence; the first "
+                              "two are checked on the model against padded before training (fallback: padded)")
+
+
+class SFTConfig(_Section):
+    packing: bool = Field(False, description="pack several examples end to end into one row (no attention or loss "
+                                             "across examples) instead of padding each")
+    completion_only_loss: bool = Field(True, description="loss on completion (assistant) tokens only; off = on every "
+                                                         "real token, prompt included")
+
+
+class RMConfig(_Section):
+    margin_scale: float = Field(0.0, ge=0, description="margin = scale x score gap between the two responses "
+                                                       "(scores or Likert rows; Llama 2's margin loss); 0 = none")
+    center_rewards_coef: float = Field(0.0, ge=0, description="reward centring: adds coef x mean(r^2) over each "
+                                                              "prompt's responses so scores stay near 0")
+    rubric_weights: Path | None = Field(None, description="YAML/JSON mapping rubric field -> weight for turning rubric "
+                                                          "labels into a ranking (default: alignkit.rubric.DEFAULT_WEIGHTS)")
+
+
+class ScoreConfig(_Section):
+    reward_model: str = Field(description="a reward model folder written by `alignkit rm` (or any HF sequence-"
+                                          "classification model with one label)")
+    data: list[str] = Field(description="rows to score: prompt/response, prompt/responses (K-wise) or preference pairs")
+    output: Path = Field(description="JSONL file to write: each input row plus its score(s)")
+    batch_size: int = Field(8, ge=1, description="sequences per forward")
+    max_length: int = Field(512, ge=2, description="max tokens of prompt + response")
+    max_prompt_length: int = Field(256, ge=1, description="max prompt tokens (the END of the prompt is kept)")
+    chat_template_for_plain: bool = Field(False, description="render plain-string prompts with the chat template")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast")
+    trust_remote_code: bool = Field(False, description="allow model code from the model folder")
+    progress: bool = Field(True, description="show a progress bar")
+    overwrite: bool = Field(False, description="replace an existing --output file")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v
 
 
 SECTIONS: dict[str, dict[str, type[_Section]]] = {
     "dpo": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dpo": DPOConfig},
+    "sft": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sft": SFTConfig},
+    "rm": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rm": RMConfig},
+    "score": {"score": ScoreConfig},
 }
+
+# Defaults that differ per command (a flag or the YAML still overrides them).
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"sft": {"lr": 2e-5}, "rm": {"lr": 1e-5}}
 
 
 def flatten_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
@@ -124,6 +167,7 @@ def build_config(command: str, values: dict[str, Any],
     """Validate flat ``values`` into the command's sections. Errors -> InputError (exit 2) that name
     where the bad value came from: ``origins[field] = (file or "command line", line)``."""
     origins = origins or {}
+    values = {**COMMAND_DEFAULTS.get(command, {}), **values}
     sections = SECTIONS[command]
     known = {name for cls in sections.values() for name in cls.model_fields}
 

@@ -38,7 +38,7 @@ MAX_SHARED_ROW = 4096
 
 
 def collate_layout(pairs: list, *, layout: str, pad_token_id: int, pad_to_multiple: int = 1) -> dict:
-    """Collate pairs in the chosen layout (see DataConfig.layout)."""
+    """Collate pairs in the chosen layout (see DPOConfig.layout)."""
     if layout == "shared" and sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                   for p in pairs) <= MAX_SHARED_ROW:
         return collate_pairs_shared(pairs, pad_token_id, pad_to_multiple)
@@ -157,7 +157,7 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
     out_dir = prepare_output_dir(accelerator, train_cfg, {"model": model, "data": data, "train": train_cfg, "dpo": dpo})
 
     policy = load_causal_lm(model.model, trust_remote_code=model.trust_remote_code)
-    layout = data.layout
+    layout = dpo.layout
     if layout != "padded" and not layout_matches(policy, pairs, layout, tokenizer.pad_token_id):
         accelerator.print(f"note: this model does not support the '{layout}' layout exactly; using padded batches")
         layout = "padded"
@@ -168,8 +168,8 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
     tables, reference = {}, None
     if spec.needs_reference and dpo.ref_cache:
         # Before LoRA is added the policy IS the starting policy: no second copy is needed.
-        ref_model = load_causal_lm(model.ref_model, trust_remote_code=model.trust_remote_code) \
-            if model.ref_model else policy
+        ref_model = load_causal_lm(dpo.ref_model, trust_remote_code=model.trust_remote_code) \
+            if dpo.ref_model else policy
         tables = _cached_reference(accelerator, ref_model, splits, collate_raw, train_cfg,
                                    model.precision, train_cfg.progress)
         del ref_model
@@ -183,8 +183,8 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
         if model.precision == "bf16" and not model.merge and not fsdp.requested(train_cfg.fsdp):
             store_frozen_linears_in(policy, torch.bfloat16)
     if spec.needs_reference and not dpo.ref_cache:
-        if model.ref_model:
-            ref_model = load_causal_lm(model.ref_model, trust_remote_code=model.trust_remote_code)
+        if dpo.ref_model:
+            ref_model = load_causal_lm(dpo.ref_model, trust_remote_code=model.trust_remote_code)
             ref_model.requires_grad_(False).eval()
         else:  # LoRA: same weights, adapters disabled; full fine-tuning: a frozen copy
             ref_model = policy if model.lora_r else frozen_copy(policy)

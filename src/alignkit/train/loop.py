@@ -108,7 +108,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
-                    scheduler, limit: int | None = None) -> Path:
+                    scheduler, limit: int | None = None, num_tokens: int = 0) -> Path:
     """Write checkpoints/step-N atomically: into a temporary folder, then one rename.
     A crash mid-save leaves the previous checkpoint as the newest complete one."""
     final = ckpt_root / f"step-{step}"
@@ -121,7 +121,7 @@ def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tenso
     save_file(trainable, str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": _rng_state()}, tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "num_tokens": num_tokens}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     if limit:
@@ -147,7 +147,8 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, module: nn.Module, save_target: nn.Module, optimizer, scheduler,
-                    sharded: bool = False) -> int:
+                    sharded: bool = False) -> tuple[int, int]:
+    """Restore a checkpoint; returns (step, tokens seen so far)."""
     state = load_file(str(path / "trainable.safetensors"))
     extra = torch.load(path / "trainer_state.pt", weights_only=False)
     if sharded:
@@ -160,7 +161,8 @@ def load_checkpoint(path: Path, module: nn.Module, save_target: nn.Module, optim
         optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
-    return json.loads((path / "state.json").read_text())["step"]
+    state = json.loads((path / "state.json").read_text())
+    return state["step"], state.get("num_tokens", 0)
 
 
 # ---------------------------------------------------------------- logging
@@ -222,11 +224,13 @@ class _Window:
 
 
 def accumulate_gradients(accelerator, module: nn.Module, batches: list[dict], step_fn: Callable,
-                         global_batch: int, sharded: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+                         denominator: float, sharded: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """Forward and backward over this process's micro-batches of one optimizer step.
 
-    Each micro-batch's summed loss is scaled by world/G (DDP then averages over the world), so
-    the accumulated gradient is d(mean loss over the step's G examples) whatever the split.
+    Each micro-batch's summed loss is scaled by world/D (DDP then averages over the world), where
+    D is the step's global number of loss units: G examples, or the all-reduced sum of the batches'
+    ``loss_units`` (e.g. completion tokens, for a per-token mean). The accumulated gradient is
+    d(mean loss over the step's units) whatever the split.
     Gradients are synchronised (DDP all-reduce, FSDP reduce-scatter) on the last micro-batch only.
     Returns this process's metric sums (loss included) and real-token count.
     """
@@ -241,12 +245,21 @@ def accumulate_gradients(accelerator, module: nn.Module, batches: list[dict], st
         with sync:
             with accelerator.autocast():
                 out = step_fn(module, batch)
-            accelerator.backward(out.loss_sum * (world / global_batch))
+            accelerator.backward(out.loss_sum * (world / denominator))
         sums["loss"] += out.loss_sum.detach().float()
         for name, v in out.metrics.items():
             sums[name] = sums.get(name, torch.zeros(())) + v.detach().float()
         tokens += out.tokens
     return sums, tokens
+
+
+def _denominator(accelerator, batches: list[dict], global_batch: int) -> float:
+    """The step's global number of loss units: sum of ``loss_units`` over every process's batches
+    when they all carry it (at least 1), else the G examples."""
+    if not batches or not all("loss_units" in b for b in batches):
+        return float(global_batch)
+    units = {"u": torch.tensor(float(sum(int(b["loss_units"]) for b in batches)))}
+    return max(1.0, float(_reduce(accelerator, units)["u"]))
 
 
 def _check_finite(step: int, loss: float, grad_norm: float) -> None:
@@ -299,10 +312,14 @@ def evaluate(accelerator, module: nn.Module, examples: Sequence, collate: Callab
 
 def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: Sequence,
           collate: Callable[[list], dict], step_fn: Callable[[nn.Module, dict], StepOutput],
-          cfg: TrainConfig, out_dir: Path, eval_examples: Sequence | None = None) -> LoopResult:
+          cfg: TrainConfig, out_dir: Path, eval_examples: Sequence | None = None,
+          derive: Callable[[dict[str, float]], dict[str, float]] | None = None) -> LoopResult:
     """Train ``module`` (whose trainable parameters belong to ``save_target``) and return the last metrics.
 
-    ``save_target`` is the unwrapped model whose trainable parameters are checkpointed. With
+    ``save_target`` is the unwrapped model whose trainable parameters are checkpointed. ``derive``
+    adds metrics computed from a logged record (e.g. perplexity from the loss) before it is written.
+    Loss and metric sums are divided by the step's examples, or by its ``loss_units`` when every
+    batch carries them (see :func:`accumulate_gradients`). With
     ``cfg.fsdp`` (or ``accelerate launch --use_fsdp``) ``module`` is sharded in place (train/fsdp.py);
     the recipe then saves through :func:`alignkit.train.run.finish_run` with ``sharded=module``.
     """
@@ -326,9 +343,9 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
         module, optimizer = accelerator.prepare(module, optimizer)
 
     ckpt_root = out_dir / "checkpoints"
-    start = 0
+    start = seen_tokens = 0
     if cfg.resume and (found := list_checkpoints(ckpt_root)):
-        start = load_checkpoint(found[-1], module, save_target, optimizer, scheduler, sharded)
+        start, seen_tokens = load_checkpoint(found[-1], module, save_target, optimizer, scheduler, sharded)
         accelerator.print(f"resuming from {found[-1]} (step {start} of {steps})")
     log = MetricsLog(out_dir, accelerator.is_main_process, resume_step=start)
     bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process),
@@ -340,12 +357,14 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
         t0 = time.perf_counter()
         micro = rank_micro_batches(stream_indices(step, len(examples), global_batch, cfg.seed),
                                    cfg.batch_size, rank, world)
-        sums, tokens = accumulate_gradients(accelerator, module, [collate([examples[i] for i in idx]) for idx in micro],
-                                            step_fn, global_batch, sharded)
+        batches = [collate([examples[i] for i in idx]) for idx in micro]
+        denominator = _denominator(accelerator, batches, global_batch)
+        sums, tokens = accumulate_gradients(accelerator, module, batches, step_fn, denominator, sharded)
         sums["_tokens"] = torch.tensor(float(tokens))
         sums = _reduce(accelerator, sums)
         tokens = int(sums.pop("_tokens").item())
-        step_metrics = {k: (v / global_batch).item() for k, v in sums.items()}
+        seen_tokens += tokens
+        step_metrics = {k: (v / denominator).item() for k, v in sums.items()}
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         if sharded:
             grad_norm = float(fsdp.full_norm(torch.nn.utils.clip_grad_norm_(params, clip)))
@@ -364,15 +383,17 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
         if done % cfg.log_every == 0 or done == steps:
             record = last = window.flush()
             last["epoch"] = done * global_batch / len(examples)
+            last["num_tokens"] = seen_tokens
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
         if eval_examples and (done == steps or (cfg.eval_every and done % cfg.eval_every == 0)):
             record.update(evaluate(accelerator, module, eval_examples, collate, step_fn, cfg.batch_size, sharded))
         if record:
-            log.log(done, record)
+            log.log(done, derive(record) if derive else record)
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
             trainable, optim_state = checkpoint_state(module, save_target, optimizer, sharded)
             if accelerator.is_main_process:
-                save_checkpoint(ckpt_root, done, trainable, optim_state, scheduler, cfg.save_limit)
+                save_checkpoint(ckpt_root, done, trainable, optim_state, scheduler, cfg.save_limit,
+                                num_tokens=seen_tokens)
             accelerator.wait_for_everyone()
         bar.update(1)
     bar.close()
