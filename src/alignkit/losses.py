@@ -198,6 +198,26 @@ def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, *,
     return -F.logsigmoid(chosen_scores - rejected_scores - margin)  # Eq. 1, InstructGPT (Ouyang et al. 2022)
 
 
+def kwise_ranking_loss(scores: Tensor, better: Tensor, worse: Tensor, group: Tensor, num_groups: int, *,
+                       margin: float | Tensor = 0.0) -> Tensor:
+    """Reward-model loss over K-wise rankings: per prompt, the mean Bradley-Terry loss over its comparisons.
+
+    InstructGPT (Ouyang et al. 2022, Eq. 1): loss(θ) = −1/C(K,2) · E[log σ(r(x, y_w) − r(x, y_l))], all
+    C(K,2) comparisons of a prompt forming ONE batch element, so each prompt weighs the same whatever
+    its K and each completion is scored once. Tied responses form no comparison; a prompt's mean is
+    then over its untied comparisons (= 1/C(K,2) when nothing is tied).
+
+    ``scores`` (N,): one score per completion, the K_g completions of every prompt in the batch;
+    ``better``, ``worse`` (M,): indices into ``scores`` of each comparison's winner and loser;
+    ``group`` (M,): the prompt (0..num_groups-1) each comparison belongs to (each prompt has >= 1);
+    ``margin``: float or (M,). Returns per-prompt losses (num_groups,).
+    """
+    pair = bradley_terry_loss(scores[better], scores[worse], margin=margin)  # (M,)
+    total = torch.zeros(num_groups, dtype=pair.dtype, device=pair.device).index_add(0, group, pair)
+    count = torch.bincount(group, minlength=num_groups).to(pair.dtype)  # comparisons per prompt
+    return total / count
+
+
 # ----------------------------------------------------------------------------- registry
 class LossKind(StrEnum):
     DPO = "dpo"

@@ -105,15 +105,13 @@ def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     LoRA models get the same adapter configuration, so they save as an adapter as usual."""
     import copy
 
-    from transformers import AutoModelForCausalLM
-
     from ..models import _is_peft
 
     base = model.get_base_model() if _is_peft(model) else model
     cfg = copy.deepcopy(base.config)
     if getattr(cfg, "quantization_config", None) is not None:  # GGUF-derived: weights are plain
         del cfg.quantization_config
-    fresh = AutoModelForCausalLM.from_config(cfg)
+    fresh = type(base)(cfg)  # the model's own class: only its blocks and the loop's wrapper were sharded
     if getattr(base, "generation_config", None) is not None:
         fresh.generation_config = copy.deepcopy(base.generation_config)
     if _is_peft(model):
