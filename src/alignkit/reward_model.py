@@ -49,11 +49,9 @@ def load_reward_model(name_or_path: str, *, trust_remote_code: bool = False):
                     raise InputError(f"a reward model has one output, this one has {model.config.num_labels}",
                                      file=str(name_or_path), field="model")
                 return model
-            return AutoModelForSequenceClassification.from_pretrained(
-                str(folder), num_labels=1, trust_remote_code=trust_remote_code)
+            return _new_head(str(folder), trust_remote_code)
         if src.kind == "hub":
-            return AutoModelForSequenceClassification.from_pretrained(
-                src.path, num_labels=1, trust_remote_code=trust_remote_code)
+            return _new_head(src.path, trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot build a reward model from {name_or_path}: {e}", file=str(name_or_path),
                          field="model") from e
@@ -63,6 +61,20 @@ def load_reward_model(name_or_path: str, *, trust_remote_code: bool = False):
     model = AutoModelForSequenceClassification.from_config(cfg, trust_remote_code=trust_remote_code)
     getattr(model, model.base_model_prefix).load_state_dict(getattr(lm, lm.base_model_prefix).state_dict())
     return model
+
+
+def _new_head(path: str, trust_remote_code: bool):
+    """A causal LM's backbone with a fresh scalar head. transformers' load report (the LM head unused,
+    the head newly initialised) is exactly what is meant here, so it is silenced."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def set_reward_pad_token(model, tokenizer) -> int:
