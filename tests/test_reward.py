@@ -327,3 +327,15 @@ def test_reward_model_learns_a_held_out_ranking(tiny_model_dir, tmp_path):
     trained = run(tmp_path / "trained", 60, "2e-3")
     assert trained["eval/accuracy"] >= 0.9
     assert trained["eval/loss"] < untrained["eval/loss"] - 0.2
+
+
+def test_shipped_ranked_sample_loads(tokenizer):
+    from importlib.resources import files
+
+    from alignkit.data.ranking import load_ranking_data
+
+    path = str(files("alignkit") / "sample_data" / "ranked.jsonl")
+    items, report = load_ranking_data(path, tokenizer, max_length=512, max_prompt_length=256)
+    assert report.rows == report.kept == 60 and not report.skipped
+    # K = 3, a total order: C(3, 2) = 3 comparisons each, the evasive answer always last
+    assert all(len(it.response_ids) == 3 and len(it.comparisons) == 3 for it in items)
