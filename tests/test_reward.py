@@ -339,3 +339,26 @@ def test_shipped_ranked_sample_loads(tokenizer):
     assert report.rows == report.kept == 60 and not report.skipped
     # K = 3, a total order: C(3, 2) = 3 comparisons each, the evasive answer always last
     assert all(len(it.response_ids) == 3 and len(it.comparisons) == 3 for it in items)
+
+
+def test_rm_starts_from_a_lora_adapter_folder(tiny_model_dir, sample_prefs, tmp_path):
+    """The SFT/DPO output of a LoRA run is an adapter folder: the reward model takes its merged weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    adapter = tmp_path / "policy"
+    assert cli.main(["dpo", "--model", str(tiny_model_dir), "--data", str(sample_prefs(4)), "--output-dir",
+                     str(adapter), "--lora-r", "4", "--max-steps", "2", "--lr", "1e-2", "--batch-size", "2",
+                     "--no-progress"]) == 0
+    assert (adapter / "adapter_config.json").exists() and not (adapter / "config.json").exists()
+    out = tmp_path / "rm"
+    assert cli.main(rm_args(tiny_model_dir, _ranked_file(tmp_path / "r.jsonl"), out, "--model", str(adapter),
+                            "--lr", "1e-12")) == 0
+    from alignkit.models import load_causal_lm
+
+    merged = load_causal_lm(str(adapter))
+    rm = AutoModelForSequenceClassification.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    q = "layers.0.self_attn.q_proj.weight"
+    # lr 1e-12: the backbone is the merged adapter's, not the base's
+    torch.testing.assert_close(rm.model.get_parameter(q), merged.model.get_parameter(q), rtol=0, atol=1e-9)
+    assert not torch.allclose(rm.model.get_parameter(q), base.model.get_parameter(q))
