@@ -199,3 +199,45 @@ def test_layout_check_detects_a_model_that_ignores_positions_and_masks(layout, m
     monkeypatch.setattr(backbone, "forward", lambda **kw: real_forward(
         input_ids=kw["input_ids"], attention_mask=torch.ones_like(kw["input_ids"])))
     assert not layout_matches(model, pairs, layout, 2)
+
+
+def test_is_argmax_equals_naive_argmax_and_leaves_logprobs_unchanged():
+    """return_is_argmax: True exactly at scored tokens where the full logits' argmax is the token.
+    Half the tokens are made the model's greedy choice, so both outcomes occur."""
+    model = make_tiny_llama(V).double()
+    ids, attn, comp = _batch(6)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in range(1, ids.shape[1]):  # causal: token t's prediction depends only on ids[:, :t]
+            greedy = model(input_ids=ids[:, :t]).logits[:, -1].argmax(-1)
+            take = torch.rand(ids.shape[0], generator=g) < 0.5
+            ids[take, t] = greedy[take]
+    logps, hits = token_logprobs(model, ids, attn, comp, return_is_argmax=True)
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    scored = comp & attn.bool()
+    scored[:, 0] = False
+    expected = torch.zeros_like(scored)
+    expected[:, 1:] = logits[:, :-1].argmax(-1) == ids[:, 1:]
+    expected &= scored
+    assert hits.dtype == torch.bool and not hits.requires_grad
+    assert torch.equal(hits, expected)
+    assert 0 < int(hits.sum()) < int(scored.sum())
+    torch.testing.assert_close(logps, token_logprobs(model, ids, attn, comp), rtol=0, atol=0)
+    model.config.final_logit_softcapping = 30.0  # the fallback path (the model's own logits) agrees
+    assert torch.equal(token_logprobs(model, ids, attn, comp, return_is_argmax=True)[1], expected)
+
+
+def test_is_argmax_through_chunks_and_kept_softmax():
+    torch.manual_seed(1)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, 16, dtype=torch.float64)
+    logits = h.detach() @ w.T
+    t = torch.randint(0, V, (37,))
+    t[::2] = logits[::2].argmax(-1)  # every other target is the argmax
+    expected = logits.argmax(-1) == t
+    for chunk, keep in ((1, 0), (5, 0), (1000, 2**30)):
+        out, hits = linear_token_logprobs(h, w, None, t, chunk=chunk, keep_bytes=keep, return_is_argmax=True)
+        assert torch.equal(hits, expected)
+        (grad,) = torch.autograd.grad(out.sum(), h)  # the extra output leaves the backward alone
+        (plain,) = torch.autograd.grad(linear_token_logprobs(h, w, None, t, chunk=chunk, keep_bytes=keep).sum(), h)
+        torch.testing.assert_close(grad, plain, rtol=0, atol=0)

@@ -8,7 +8,8 @@ Here the backbone runs once to give hidden states (B, T, H); only the N position
 predict a completion token go through the LM head, in row chunks, and the custom autograd
 function below keeps just the log-sum-exp per row: its backward recomputes each chunk's
 softmax instead of storing (N, V) activations. Neither a (B, T, V) nor an (N, V) float tensor
-is ever alive whole.
+is ever alive whole. On request it also says, per token, whether the target was the model's
+top prediction (SFT's token accuracy): the log-sum-exp pass has each row's max logit already.
 """
 
 from __future__ import annotations
@@ -43,18 +44,21 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, acc: torch
     return z.to(acc) if out is None else out.copy_(z)
 
 
-def _softmax_(z: torch.Tensor) -> torch.Tensor:
-    """Turn logits z (n, V) into softmax(z) IN PLACE and return logsumexp(z) (n,).
+def _softmax_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn logits z (n, V) into softmax(z) IN PLACE; return (logsumexp(z), max(z)), (n,) each.
 
     torch.logsumexp and torch.softmax each allocate another (n, V) block; this allocates none."""
     m = z.amax(dim=-1, keepdim=True)  # (n, 1)
     total = z.sub_(m).exp_().sum(dim=-1, keepdim=True)  # (n, 1)
     z.div_(total)
-    return (m + total.log()).squeeze(1)
+    return (m + total.log()).squeeze(1), m.squeeze(1)
 
 
 class _LinearTokenLogProbs(torch.autograd.Function):
     """log p(target | hidden) = (h W^T + b)[target] − logsumexp(h W^T + b), chunked over rows.
+
+    A second output (N,) bool, without gradient, says whether the target's logit is the row's
+    maximum (the target is the argmax; a tie counts as a hit).
 
     Backward: d logp_i / d z_ij = 1[j = target_i] − softmax(z_i)_j, with z = h W^T + b.
     When the (N, V) softmax fits in ``keep_bytes`` it is kept from the forward (backward: two
@@ -68,6 +72,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         n_rows, vocab = targets.shape[0], weight.shape[0]
         keep = n_rows * vocab * torch.finfo(acc).bits // 8 <= keep_bytes
         out = hidden.new_empty(n_rows, dtype=acc)  # (N,)
+        is_max = torch.empty(n_rows, dtype=torch.bool, device=hidden.device)  # (N,)
         lse = torch.empty_like(out)  # (N,)
         probs = hidden.new_empty((n_rows, vocab), dtype=acc) if keep else None  # (N, V) softmax
         w = weight.to(dtype)
@@ -75,14 +80,16 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         for s in range(0, n_rows, chunk):
             z = _logits(hidden[s:s + chunk], w, b, acc, None if probs is None else probs[s:s + chunk])  # (n, V)
             picked = z.gather(1, targets[s:s + chunk, None]).squeeze(1)  # (n,) logit of the target
-            lse[s:s + chunk] = _softmax_(z)
+            lse[s:s + chunk], top = _softmax_(z)
             out[s:s + chunk] = picked - lse[s:s + chunk]
+            is_max[s:s + chunk] = picked >= top
         ctx.save_for_backward(hidden, weight, bias, targets, lse, probs)
         ctx.chunk, ctx.dtype = chunk, dtype
-        return out
+        ctx.mark_non_differentiable(is_max)
+        return out, is_max
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_is_max):
         hidden, weight, bias, targets, lse, probs = ctx.saved_tensors
         chunk, dtype, acc = ctx.chunk, ctx.dtype, lse.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -121,14 +128,17 @@ KEEP_SOFTMAX_BYTES = 128 * 2**20
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           targets: torch.Tensor, *, chunk: int | None = None,
-                          keep_bytes: int = KEEP_SOFTMAX_BYTES) -> torch.Tensor:
+                          keep_bytes: int = KEEP_SOFTMAX_BYTES, return_is_argmax: bool = False):
     """log-probs (N,) float32 of ``targets`` (N,) under logits ``hidden @ weight.T + bias``.
 
     hidden: (N, H); weight: (V, H). Memory beyond the inputs: one (chunk, V) block at a time, plus
     the (N, V) softmax when it is at most ``keep_bytes`` (0: always recompute in backward).
+    ``return_is_argmax``: also return (N,) bool, True where the target has the largest logit.
     """
     chunk = chunk or _chunk_rows(weight.shape[0])
-    return _LinearTokenLogProbs.apply(hidden, weight, bias, targets, chunk, _compute_dtype(hidden), keep_bytes)
+    out, is_max = _LinearTokenLogProbs.apply(hidden, weight, bias, targets, chunk, _compute_dtype(hidden),
+                                             keep_bytes)
+    return (out, is_max) if return_is_argmax else out
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -151,7 +161,7 @@ def _has_plain_head(causal: nn.Module) -> bool:
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-                   prev_index: torch.Tensor | None = None) -> torch.Tensor:
+                   prev_index: torch.Tensor | None = None, *, return_is_argmax: bool = False):
     """Per-token log-probs of completion tokens, (B, T) float32 (float64 for float64 models), zero off the completion.
 
     input_ids, attention_mask: (B, T); completion_mask: (B, T) bool, True on completion tokens.
@@ -160,6 +170,8 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     each sequence, with the model called without a 2D mask so transformers masks block-diagonally;
     prefix-shared rows, where ``attention_mask`` is a (B, 1, T, T) bool mask given to the model as is
     and ``prev_index`` (B, T) names the position whose state predicts each token (else t - 1).
+    ``return_is_argmax``: return ``(logps, is_argmax)``, the second (B, T) bool without gradient,
+    True at scored tokens that are the model's top prediction (ties count), False elsewhere.
     """
     causal = _causal_lm(model)
     shared = attention_mask.dim() == 4
@@ -180,14 +192,21 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         backbone = getattr(causal, causal.base_model_prefix)
         hidden = backbone(**inputs).last_hidden_state  # (B, T, H)
         head = causal.get_output_embeddings()
-        logps = linear_token_logprobs(hidden[rows, prev], head.weight, head.bias, targets)  # (N,)
+        logps, is_max = linear_token_logprobs(hidden[rows, prev], head.weight, head.bias, targets,
+                                              return_is_argmax=True)  # (N,) each
     else:  # models with soft-capped or scaled logits: take the logits as the model gives them
         logits = model(**inputs).logits  # (B, T, V)
         sel = logits[rows, prev]  # (N, V)
         sel = sel.to(torch.promote_types(sel.dtype, torch.float32))
-        logps = sel.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(sel, dim=-1)
+        picked = sel.gather(1, targets[:, None]).squeeze(1)  # (N,)
+        logps = picked - torch.logsumexp(sel, dim=-1)
+        is_max = picked.detach() >= sel.detach().amax(dim=-1)  # (N,)
     out = torch.zeros(input_ids.shape, dtype=logps.dtype, device=input_ids.device)
-    return out.index_put((rows, cols), logps)  # (B, T), differentiable
+    out = out.index_put((rows, cols), logps)  # (B, T), differentiable
+    if not return_is_argmax:
+        return out
+    hits = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    return out, hits.index_put((rows, cols), is_max)  # (B, T) each
 
 
 def sequence_logprobs(token_logps: torch.Tensor, completion_mask: torch.Tensor,
@@ -241,8 +260,10 @@ class CompletionLogProbs(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, prev_index=None):
-        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, position_ids, prev_index)
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, prev_index=None,
+                return_is_argmax: bool = False):
+        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, position_ids, prev_index,
+                              return_is_argmax=return_is_argmax)
 
 
 def naive_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
