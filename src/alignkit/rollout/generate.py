@@ -1,0 +1,233 @@
+"""Batched sampling with the KV cache, written out by hand, into a typed :class:`Rollout`.
+
+The rollout is the first stage of the RLHF pipeline (generate -> cut at EOS -> score -> reference
+log-probs -> values -> advantages; torchtune's ``generate_trajectory``, OpenRLHF's ``Experience``).
+One call of :func:`generate`:
+
+1. left-pads the prompts into one (B, P) batch; positions come from the mask (``cumsum - 1``), so
+   a padded prompt sees exactly the positions it would see alone;
+2. runs the prompt once (prefill) into a ``DynamicCache``, then feeds one new token per step;
+3. per step: logits / temperature -> top-k -> top-p (HF's warper order) -> sample (or argmax);
+4. a row that samples EOS is finished: the EOS is kept as its last real token, every later
+   position is ``pad_token_id`` with mask 0 and log-prob 0; the loop ends when all rows are
+   finished or after ``max_new_tokens`` steps (the horizon).
+
+Log-prob convention: ``logprobs[b, t] = log_softmax(logits / temperature)[token]`` -- the
+temperature-scaled distribution, *before* top-k/top-p filtering. Sampling at temperature τ means
+the policy being trained is softmax(z/τ), so log π(a|s) must be taken from z/τ; TRL (PPO/GRPO
+``logits /= temperature``) and OpenRLHF compute their training log-probs the same way, and a
+fresh forward pass over ``full_ids()`` reproduces these values (the rollout tests check it).
+Filtering is left out because a trainer's forward pass cannot reproduce it cheaply, and the
+filtered distribution puts zero mass on tokens the policy still assigns probability to. With
+``greedy=True`` the argmax is taken and the log-probs follow the same formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+
+
+@dataclass
+class Rollout:
+    """B sampled responses to B prompts. P = the longest prompt, T = the steps run (<= max_new_tokens).
+
+    prompt_ids        (B, P) long   prompts, LEFT-padded with ``pad_token_id``
+    prompt_mask       (B, P) long   1 on prompt tokens, 0 on padding
+    response_ids      (B, T) long   responses, RIGHT-padded with ``pad_token_id``
+    response_mask     (B, T) long   1 on real response tokens, including a generated EOS
+    logprobs          (B, T) float  log_softmax(logits / temperature) of each sampled token, 0 on padding
+    ended_with_eos    (B,)   bool   the row sampled EOS (False: it reached the horizon)
+    response_lengths  (B,)   long   real response tokens per row (= response_mask.sum(1))
+    prompt_index      (B,)   long   which input prompt each row answers (``sample_k``: i // k)
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ended_with_eos: torch.Tensor
+    response_lengths: torch.Tensor
+    prompt_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def full_ids(self) -> torch.Tensor:
+        """(B, P+T) prompt then response; padding on both sides."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    def full_mask(self) -> torch.Tensor:
+        """(B, P+T) 1 on real prompt and response tokens."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def position_ids(self) -> torch.Tensor:
+        """(B, P+T) the positions generation used: 0 at each row's first real token. Pass them with
+        ``full_ids``/``full_mask`` to reproduce ``logprobs`` exactly in a later forward pass."""
+        return _positions(self.full_mask())
+
+    def texts(self, tokenizer) -> list[str]:
+        """The B responses as text, special tokens (the EOS) left out."""
+        return [tokenizer.decode(ids[:n].tolist(), skip_special_tokens=True)
+                for ids, n in zip(self.response_ids, self.response_lengths.tolist())]
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) position ids from a left-padded mask: real tokens count 0, 1, ...; padding gets 0."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p filtering of (B, V) logits, as HF's ``TopKLogitsWarper``/``TopPLogitsWarper``.
+
+    Removed tokens get -inf. top_k: keep the k largest (ties with the k-th kept too); 0 = off.
+    top_p: keep the smallest set of most likely tokens whose probability sums to >= top_p (a token
+    goes when the mass of the tokens less likely than or as likely as it is <= 1 - top_p), always
+    at least one; 1.0 = off. Returns a new tensor.
+    """
+    out = logits.clone()
+    if top_k > 0 and top_k < out.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]  # (B, 1) the k-th largest
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=False)  # (B, V) ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)  # (B, V) mass of this token and all less likely
+        drop = cum <= (1.0 - top_p)
+        drop[..., -1] = False  # the most likely token always stays
+        out = out.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return out
+
+
+def _check_args(prompt_ids, max_new_tokens: int, temperature: float, top_p: float, top_k: int, vocab: int) -> None:
+    if not prompt_ids:
+        raise InputError("no prompts to generate from", field="prompts")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise InputError(f"prompt {i} has no tokens", field="prompts")
+        if min(p) < 0 or max(p) >= vocab:
+            raise InputError(f"prompt {i} holds a token id outside the vocabulary (0..{vocab - 1})", field="prompts")
+    if max_new_tokens < 1:
+        raise InputError(f"must be at least 1, got {max_new_tokens}", field="max_new_tokens")
+    if not temperature > 0:
+        raise InputError(f"must be > 0, got {temperature} (use greedy=True for argmax decoding)", field="temperature")
+    if not 0 < top_p <= 1:
+        raise InputError(f"must be in (0, 1], got {top_p}", field="top_p")
+    if top_k < 0:
+        raise InputError(f"must be >= 0 (0 = off), got {top_k}", field="top_k")
+
+
+def _left_pad(prompt_ids: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _eos_ids(eos_token_id, device) -> torch.Tensor:
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or any(not isinstance(i, int) for i in ids):
+        raise InputError(f"must be a token id or a list of them, got {eos_token_id!r}", field="eos_token_id")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _forward(model, ids, mask, positions, cache, keep_last: bool) -> torch.Tensor:
+    """Last-position logits (B, V) float32; the cache grows in place."""
+    kwargs = {"logits_to_keep": 1} if keep_last else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, **kwargs)
+    return out.logits[:, -1].float()
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_token_id: int | Sequence[int],
+             pad_token_id: int | None = None, generator: torch.Generator | None = None,
+             greedy: bool = False) -> Rollout:
+    """Sample one response per prompt (see the module docstring for the steps and the log-prob rule).
+
+    prompt_ids: B lists of token ids (any lengths >= 1). eos_token_id: one id or several; a row
+    ends at the first of them it samples. pad_token_id: fills padding; None takes the model
+    config's pad id, else the first EOS id (many causal LMs ship no pad token; padding is masked,
+    so any valid id works). generator: a torch.Generator on the model's device; the same seed gives
+    the same samples. The model is put in eval mode and its train/eval mode is restored after.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    _check_args(prompt_ids, max_new_tokens, temperature, top_p, top_k, vocab)
+    eos = _eos_ids(eos_token_id, device)  # (E,)
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+        pad_token_id = int(eos[0]) if pad_token_id is None else int(pad_token_id)
+    prompt, prompt_mask = _left_pad(prompt_ids, pad_token_id, device)  # (B, P) each
+    batch = prompt.shape[0]
+    was_training = model.training
+    model.eval()
+    try:
+        cache = DynamicCache()
+        mask = prompt_mask
+        positions = _positions(prompt_mask)  # (B, P)
+        logits = _forward(model, prompt, mask, positions, cache, _accepts_logits_to_keep(model))  # (B, V)
+        next_pos = positions[:, -1:] + 1  # (B, 1) each row continues from its own prompt length
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        ended = torch.zeros(batch, dtype=torch.bool, device=device)
+        tokens, logps, live = [], [], []
+        for step in range(max_new_tokens):
+            scaled = logits / temperature  # (B, V) the policy's distribution at this temperature
+            if greedy:
+                token = scaled.argmax(-1)  # (B,)
+            else:
+                probs = filter_logits(scaled, top_k=top_k, top_p=top_p).softmax(-1)  # (B, V)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+            logp = torch.log_softmax(scaled, -1).gather(1, token[:, None]).squeeze(1)  # (B,) unfiltered
+            real = ~done  # (B,) rows still answering: this token is part of their response
+            token = torch.where(real, token, torch.full_like(token, pad_token_id))
+            tokens.append(token)
+            logps.append(torch.where(real, logp, torch.zeros_like(logp)))
+            live.append(real)
+            hit = real & torch.isin(token, eos)
+            ended |= hit
+            done |= hit
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            # finished rows keep feeding pad tokens (mask 0); their outputs are never read
+            mask = torch.cat([mask, real.long()[:, None]], dim=1)  # (B, L+1)
+            logits = _forward(model, token[:, None], mask, next_pos, cache, False)
+            next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
+    response_mask = torch.stack(live, dim=1).long()  # (B, T)
+    return Rollout(prompt_ids=prompt, prompt_mask=prompt_mask, response_ids=torch.stack(tokens, dim=1),
+                   response_mask=response_mask, logprobs=torch.stack(logps, dim=1), ended_with_eos=ended,
+                   response_lengths=response_mask.sum(1), prompt_index=torch.arange(batch, device=device))
+
+
+def sample_k(model, prompt_ids: Sequence[Sequence[int]], k: int, **kwargs) -> Rollout:
+    """k samples per prompt in one batch: rows i*k .. i*k+k-1 answer prompt i (``prompt_index`` = i).
+
+    For GRPO groups, best-of-N and online DPO pairs; ``kwargs`` go to :func:`generate`."""
+    if k < 1:
+        raise InputError(f"must be at least 1, got {k}", field="k")
+    repeated = [p for p in prompt_ids for _ in range(k)]
+    out = generate(model, repeated, **kwargs)
+    out.prompt_index = torch.arange(len(prompt_ids), device=out.prompt_index.device).repeat_interleave(k)
+    return out

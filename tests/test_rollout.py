@@ -1,0 +1,254 @@
+"""Rollout layer: hand-written KV-cache sampling into a Rollout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from alignkit.errors import InputError
+from alignkit.rollout import Rollout, filter_logits, generate, sample_k
+
+PROMPTS = ["Hello there", "What is the capital of France? Answer briefly please.", "Tell me a joke"]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    """A tiny random Llama with a sharpened LM head: logits with std ~3, so argmaxes are clear
+    (no near-ties between the cached and uncached paths) and samples depend on the seed."""
+    from alignkit.embedded import load_embedded_tokenizer
+
+    model = make_tiny_llama(len(load_embedded_tokenizer()))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompt_ids():
+    from alignkit.embedded import load_embedded_tokenizer
+
+    tok = load_embedded_tokenizer()
+    return [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+
+
+def _unused_id(*tensors) -> int:
+    """A token id that none of the tensors hold: an EOS that never fires."""
+    used = set(torch.cat([t.reshape(-1) for t in tensors]).tolist())
+    return next(i for i in range(3, 1000) if i not in used)
+
+
+def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return ids, mask
+
+
+@torch.no_grad()
+def _greedy_without_cache(model, prompt_ids, steps: int, pad: int) -> torch.Tensor:
+    """Reference decoder: a full forward over prompt + tokens so far at every step, no KV cache."""
+    seqs = [list(p) for p in prompt_ids]
+    out = []
+    for _ in range(steps):
+        ids, mask = _left_pad(seqs, pad)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                       use_cache=False).logits[:, -1]
+        nxt = logits.argmax(-1)
+        out.append(nxt)
+        for s, t in zip(seqs, nxt.tolist()):
+            s.append(t)
+    return torch.stack(out, 1)
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_kv_cache_greedy_matches_full_reforward(policy, prompt_ids):
+    """Left-padded batch of 3 prompts (4, 11, 4 tokens): the cached decoder picks exactly the tokens
+    of a decoder that re-runs the whole sequence each step."""
+    assert len({len(p) for p in prompt_ids}) > 1
+    ref = _greedy_without_cache(policy, prompt_ids, 8, pad=0)
+    eos = _unused_id(ref)
+    r = generate(policy, prompt_ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=0, greedy=True)
+    assert torch.equal(r.response_ids, ref)
+    assert r.response_mask.all() and not r.ended_with_eos.any()
+    assert r.response_lengths.tolist() == [8, 8, 8]
+
+
+def _tiny_gpt2(vocab: int):
+    """Learned ABSOLUTE positions: unlike RoPE (relative, so a constant shift of positions changes
+    nothing), a wrong position for a left-padded row changes its output here."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,
+                     eos_token_id=2, pad_token_id=None)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.normal_(0, 1.0)  # positions that matter
+        model.lm_head.weight.mul_(20.0)  # tied with wte: sharpens the logits
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padded_prompt_continues_as_alone(policy, prompt_ids, arch):
+    if arch == "gpt2":
+        policy = _tiny_gpt2(policy.config.vocab_size)
+    batch = generate(policy, prompt_ids, max_new_tokens=6, eos_token_id=_unused_id(torch.tensor(0)),
+                     pad_token_id=0, greedy=True)
+    for i, p in enumerate(prompt_ids):
+        alone = generate(policy, [p], max_new_tokens=6, eos_token_id=_unused_id(torch.tensor(0)),
+                         pad_token_id=0, greedy=True)
+        assert alone.prompt_mask.all()
+        assert torch.equal(batch.response_ids[i], alone.response_ids[0])
+        torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_fresh_forward(policy, prompt_ids, temperature):
+    """Stored log-probs = log_softmax(logits / temperature) of a fresh full forward over prompt +
+    response, taken BEFORE top-k/top-p filtering; 0 on padding."""
+    eos = 2
+    g = torch.Generator().manual_seed(0)
+    r = generate(policy, prompt_ids, max_new_tokens=10, temperature=temperature, top_k=50, top_p=0.9,
+                 eos_token_id=eos, pad_token_id=0, generator=g)
+    P, T = r.prompt_ids.shape[1], r.response_ids.shape[1]
+    with torch.no_grad():
+        logits = policy(input_ids=r.full_ids(), attention_mask=r.full_mask(), position_ids=r.position_ids(),
+                        use_cache=False).logits  # (B, P+T, V)
+    logp = torch.log_softmax(logits[:, P - 1:P + T - 1] / temperature, -1)
+    expected = logp.gather(2, r.response_ids[..., None]).squeeze(2) * r.response_mask
+    torch.testing.assert_close(r.logprobs, expected, atol=2e-5, rtol=0)
+    assert (r.logprobs[r.response_mask == 0] == 0).all()
+    assert (r.logprobs[r.response_mask == 1] < 0).all()
+    # top-k 50: every sampled token is among the 50 largest logits of its step
+    ranks = (logits[:, P - 1:P + T - 1] > logits[:, P - 1:P + T - 1].gather(2, r.response_ids[..., None])).sum(-1)
+    assert (ranks[r.response_mask == 1] < 50).all()
+
+
+def test_rows_stop_at_eos(policy, prompt_ids):
+    """EOS := a token row 0 emits greedily at step 3. Every row stops at its first EOS: the EOS is
+    its last real token, later positions are pad with mask 0 and log-prob 0."""
+    free = generate(policy, prompt_ids, max_new_tokens=12, eos_token_id=_unused_id(torch.tensor(0)),
+                    pad_token_id=0, greedy=True)
+    eos = int(free.response_ids[0, 2])
+    pad = _unused_id(free.response_ids)
+    r = generate(policy, prompt_ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=pad, greedy=True)
+    assert r.ended_with_eos[0] and r.response_lengths[0] <= 3
+    for i in range(len(prompt_ids)):
+        row = free.response_ids[i].tolist()
+        n = row.index(eos) + 1 if eos in row else 12
+        assert r.response_lengths[i] == n and bool(r.ended_with_eos[i]) == (eos in row)
+        assert r.response_mask[i].tolist() == [1] * n + [0] * (r.response_ids.shape[1] - n)
+        assert r.response_ids[i, :n].tolist() == row[:n]
+        assert (r.response_ids[i, n:] == pad).all() and (r.logprobs[i, n:] == 0).all()
+        torch.testing.assert_close(r.logprobs[i, :n], free.logprobs[i, :n], atol=1e-5, rtol=0)
+    # T is the steps run: all rows finished early here, or the horizon
+    assert r.response_ids.shape[1] == (12 if not r.ended_with_eos.all() else int(r.response_lengths.max()))
+
+
+def test_all_rows_finished_stops_early(policy, prompt_ids):
+    """Every row's first greedy token as (several) EOS ids: one step and done."""
+    first = generate(policy, prompt_ids, max_new_tokens=1, eos_token_id=_unused_id(torch.tensor(0)),
+                     pad_token_id=0, greedy=True).response_ids[:, 0]
+    r = generate(policy, prompt_ids, max_new_tokens=20, eos_token_id=sorted(set(first.tolist())),
+                 pad_token_id=0, greedy=True)
+    assert r.response_ids.shape == (3, 1) and r.ended_with_eos.all() and r.response_lengths.tolist() == [1, 1, 1]
+
+
+def test_generator_seed_reproducible(policy, prompt_ids):
+    def run(seed):
+        return generate(policy, prompt_ids, max_new_tokens=8, eos_token_id=2, pad_token_id=0,
+                        generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_top_k_1_equals_greedy(policy, prompt_ids):
+    eos = _unused_id(torch.tensor(0))
+    greedy = generate(policy, prompt_ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=0, greedy=True)
+    k1 = generate(policy, prompt_ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=0, top_k=1,
+                  generator=torch.Generator().manual_seed(5))
+    assert torch.equal(greedy.response_ids, k1.response_ids)
+
+
+def test_top_p_golden():
+    """probs (0.5, 0.3, 0.15, 0.05). Ascending cumulative mass: 0.05, 0.20, 0.50, 1.00; a token
+    goes when that mass <= 1 - p. p=0.75 -> {0.5, 0.3} (0.8 >= 0.75, and 0.5 alone is not);
+    p=0.81 -> three tokens; p=0.4 -> {0.5}; tiny p -> still the top token; p=1 -> all."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = {p: torch.isfinite(filter_logits(logits, top_p=p))[0].tolist() for p in (0.75, 0.81, 0.4, 1e-9, 1.0)}
+    assert kept[0.75] == [True, True, False, False]
+    assert kept[0.81] == [True, True, True, False]
+    assert kept[0.4] == [True, False, False, False]
+    assert kept[1e-9] == [True, False, False, False]
+    assert kept[1.0] == [True] * 4
+    filtered = filter_logits(logits, top_p=0.75)
+    torch.testing.assert_close(filtered.softmax(-1), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2))[0].tolist() == [True, True, False, False]
+    # exact boundary: 4 equal tokens (mass 0.25 each, exact in binary); p = 0.5 is met by exactly 2
+    uniform = torch.zeros(1, 4)
+    assert [int(torch.isfinite(filter_logits(uniform, top_p=p)).sum()) for p in (0.5, 0.75, 0.76)] == [2, 3, 4]
+
+
+def test_filter_matches_hf_warpers():
+    from transformers.generation.logits_process import (
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    z = torch.randn(4, 500, generator=torch.Generator().manual_seed(0)) * 3
+    for k, p in [(0, 0.9), (20, 1.0), (40, 0.7), (0, 0.3)]:
+        ref = z.clone()
+        if k:
+            ref = TopKLogitsWarper(k)(None, ref)
+        ref = TopPLogitsWarper(p)(None, ref) if p < 1 else ref
+        assert torch.equal(torch.isfinite(filter_logits(z, top_k=k, top_p=p)), torch.isfinite(ref))
+
+
+def test_sample_k_repeats_contiguously(policy, prompt_ids):
+    r = sample_k(policy, prompt_ids[:2], 3, max_new_tokens=4, eos_token_id=2, pad_token_id=0,
+                 generator=torch.Generator().manual_seed(0))
+    assert r.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    for i in range(6):
+        assert r.prompt_ids[i][r.prompt_mask[i].bool()].tolist() == prompt_ids[i // 3]
+    assert len({tuple(x) for x in r.response_ids[:3].tolist()}) > 1  # the k samples differ
+
+
+def test_rollout_helpers_and_no_pad_token(policy, prompt_ids, tokenizer):
+    """full_ids/full_mask concatenate; texts() drops the EOS; a config without pad id pads with EOS;
+    the model's train mode is restored."""
+    policy.config.pad_token_id = None
+    policy.train()
+    try:
+        r = generate(policy, prompt_ids, max_new_tokens=5, eos_token_id=tokenizer.eos_token_id,
+                     generator=torch.Generator().manual_seed(0))
+        assert policy.training
+    finally:
+        policy.config.pad_token_id = 2
+        policy.eval()
+    assert isinstance(r, Rollout) and len(r) == 3
+    assert (r.prompt_ids[r.prompt_mask == 0] == tokenizer.eos_token_id).all()
+    P, T = r.prompt_ids.shape[1], r.response_ids.shape[1]
+    assert r.full_ids().shape == r.full_mask().shape == (3, P + T)
+    assert torch.equal(r.full_ids()[:, P:], r.response_ids) and torch.equal(r.full_mask()[:, :P], r.prompt_mask)
+    ids = r.response_ids.clone()
+    ids[0, 1] = tokenizer.eos_token_id  # an EOS is a special token: texts() leaves it out
+    r.response_ids = ids
+    texts = r.texts(tokenizer)
+    assert texts[1] == tokenizer.decode(ids[1, :r.response_lengths[1]].tolist(), skip_special_tokens=True)
+    assert tokenizer.eos_token not in texts[0]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": 0.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_k": -1}, "top_k")])
+def test_bad_sampling_arguments(policy, prompt_ids, kwargs, field):
+    args = {"max_new_tokens": 2, "eos_token_id": 2, "pad_token_id": 0, **kwargs}
+    with pytest.raises(InputError) as e:
+        generate(policy, prompt_ids, **args)
+    assert e.value.field == field
+    with pytest.raises(InputError, match="prompt 1 has no tokens"):
+        generate(policy, [[5], []], max_new_tokens=2, eos_token_id=2)
