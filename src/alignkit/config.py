@@ -53,7 +53,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(4, ge=1, description="examples (pairs) per micro-batch per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW); per-command defaults: dpo 5e-6, "
-                                               "sft 2e-5, rm 1e-5")
+                                               "sft 2e-5, rm 1e-5, ppo/grpo 3e-6")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="fraction of steps for linear warm-up")
@@ -120,15 +120,68 @@ class ScoreConfig(_Section):
         return [v] if isinstance(v, (str, Path)) else v
 
 
+class RolloutConfig(_Section):
+    reward_model: str = Field(description="the judge: a reward-model folder from `alignkit rm`, or a Python function "
+                                          "'module:function' / 'path/file.py:function' with reward(prompt, response) -> float")
+    max_new_tokens: int = Field(64, ge=1, description="the horizon T: most tokens sampled per response")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs are of the tempered policy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set with probability >= p")
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens; 0 = all")
+    missing_eos_penalty: float = Field(0.0, description="added to the score of a response that hits the horizon "
+                                                         "without EOS (e.g. -1.0); 0 = off")
+    reward_clip: float | None = Field(None, gt=0, description="clip judge scores to [-c, c]")
+    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the KL to the reference (initial value if adaptive)")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator: k1 = log pi - log pi_ref, "
+                                                                      "k2 = half its square, k3 = (r - 1) - log r")
+    ppo_epochs: int = Field(4, ge=1, description="passes over each rollout batch")
+    mini_batch_size: int = Field(8, ge=1, description="responses per optimisation step within a rollout batch")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip epsilon")
+    judge_batch_size: int = Field(16, ge=1, description="responses per reward-model forward")
+
+
+class PPOConfig(_Section):
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    target_kl: float | None = Field(None, gt=0, description="adaptive KL controller target (Ziegler et al.); none = fixed beta")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive KL controller horizon, in responses")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    clip_value: float = Field(0.2, gt=0, description="value clipping range")
+    whiten_advantages: bool = Field(True, description="normalise advantages per rollout batch")
+    value_model: Literal["separate", "shared"] = Field(
+        "separate", description="separate = own weights (a copy of --value-init); shared = a value head on the policy's backbone")
+    value_init: str | None = Field(None, description="weights the separate value model starts from (default: the reward "
+                                                     "model when it is a folder, else the policy)")
+    ptx_data: list[str] | None = Field(None, description="PPO-ptx: pretraining text ({'text'} rows or prompt/completion) "
+                                                         "whose LM loss is mixed into each update")
+    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx gamma: weight of the pretraining LM loss")
+
+    @field_validator("ptx_data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v
+
+
+class GRPOConfig(_Section):
+    num_generations: int = Field(4, ge=2, description="K: responses sampled per prompt (the group)")
+    baseline: Literal["mean", "loo"] = Field("mean", description="mean = GRPO (group mean), loo = RLOO (leave-one-out mean)")
+    scale_rewards: bool = Field(True, description="divide advantages by the group's std (GRPO); off = Dr. GRPO / RLOO")
+
+
 SECTIONS: dict[str, dict[str, type[_Section]]] = {
     "dpo": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dpo": DPOConfig},
     "sft": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sft": SFTConfig},
     "rm": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rm": RMConfig},
     "score": {"score": ScoreConfig},
+    "ppo": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rollout": RolloutConfig, "ppo": PPOConfig},
+    "grpo": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rollout": RolloutConfig, "grpo": GRPOConfig},
 }
 
 # Defaults that differ per command (a flag or the YAML still overrides them).
-COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"sft": {"lr": 2e-5}, "rm": {"lr": 1e-5}}
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"lr": 2e-5}, "rm": {"lr": 1e-5},
+    "ppo": {"lr": 3e-6, "batch_size": 8},
+    "grpo": {"lr": 3e-6, "batch_size": 2, "ppo_epochs": 1, "kl_coef": 0.04, "kl_estimator": "k3"},
+}
 
 
 def flatten_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
