@@ -1,13 +1,26 @@
-"""Rollout layer: hand-written KV-cache sampling into a Rollout."""
+"""Rollout layer: hand-written KV-cache sampling into a Rollout, and the judges that score it."""
 
 from __future__ import annotations
+
+import math
+import textwrap
 
 import pytest
 import torch
 from conftest import make_tiny_llama
 
 from alignkit.errors import InputError
-from alignkit.rollout import Rollout, filter_logits, generate, sample_k
+from alignkit.rollout import (
+    FunctionJudge,
+    Judge,
+    RewardModelJudge,
+    Rollout,
+    eos_penalty,
+    filter_logits,
+    generate,
+    load_judge,
+    sample_k,
+)
 
 PROMPTS = ["Hello there", "What is the capital of France? Answer briefly please.", "Tell me a joke"]
 
@@ -252,3 +265,155 @@ def test_bad_sampling_arguments(policy, prompt_ids, kwargs, field):
     assert e.value.field == field
     with pytest.raises(InputError, match="prompt 1 has no tokens"):
         generate(policy, [[5], []], max_new_tokens=2, eos_token_id=2)
+
+
+# ----------------------------------------------------------------------------- function judges
+
+REWARD_SRC = textwrap.dedent('''
+    import math
+
+    def length(prompt, response):
+        return float(len(response))
+
+    def batched(prompts, responses):
+        return [len(p) + len(r) for p, r in zip(prompts, responses)]
+    batched.batched = True
+
+    def bad_string(prompt, response):
+        return "high"
+
+    def bad_nan(prompt, response):
+        return math.nan
+
+    def bad_length(prompts, responses):
+        return [1.0]
+    bad_length.batched = True
+
+    NOT_CALLABLE = 3
+''')
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARD_SRC)
+    return path
+
+
+def test_function_judge_from_file_and_module(reward_file, monkeypatch):
+    judge = FunctionJudge(f"{reward_file}:length")
+    assert isinstance(judge, Judge)
+    scores = judge(["p", "q"], ["abc", "hello"])
+    assert scores.dtype == torch.float32 and scores.tolist() == [3.0, 5.0]
+    monkeypatch.syspath_prepend(str(reward_file.parent))
+    judge = load_judge("my_rewards:batched")
+    assert isinstance(judge, FunctionJudge) and judge.batched
+    assert judge(["ab", "c"], ["xyz", ""]).tolist() == [5.0, 1.0]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_colon_here", "must be 'package.module:function'"),
+    ("{dir}/missing.py:length", "reward function file not found"),
+    ("alignkit_no_such_module_xyz:reward", "reward function module not found: alignkit_no_such_module_xyz"),
+    ("{file}:nope", "has no attribute 'nope'"),
+    ("{file}:NOT_CALLABLE", "is not callable"),
+    ("{file}:", "missing ':function'"),
+])
+def test_function_judge_bad_specs(reward_file, spec, message):
+    spec = spec.format(dir=reward_file.parent, file=reward_file)
+    with pytest.raises(InputError) as e:
+        FunctionJudge(spec)
+    assert message in str(e.value)
+    assert e.value.field == "reward_model" and spec in str(e.value)
+
+
+def test_function_judge_broken_file(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("def reward(p, r):\n    return (\n")
+    with pytest.raises(InputError, match="importing .*broken.py failed: SyntaxError"):
+        FunctionJudge(f"{path}:reward")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("bad_string", "returned 'high' (a str) for response 0; expected a number"),
+    ("bad_nan", "returned nan for response 0; expected a finite number"),
+    ("bad_length", "returned 1 scores for 2 responses"),
+])
+def test_function_judge_bad_returns(reward_file, name, message):
+    judge = FunctionJudge(f"{reward_file}:{name}")
+    with pytest.raises(InputError) as e:
+        judge(["p", "q"], ["a", "b"])
+    assert message in str(e.value) and f"{reward_file}:{name}" in str(e.value)
+    assert e.value.field == "reward_model"
+
+
+def test_eos_penalty():
+    scores = torch.tensor([1.0, 2.0, -0.5])
+    ended = torch.tensor([True, False, False])
+    assert eos_penalty(scores, ended, -1.0).tolist() == [1.0, 1.0, -1.5]
+    assert torch.equal(eos_penalty(scores, ended, 0.0), scores)
+    with pytest.raises(InputError, match="must be <= 0"):
+        eos_penalty(scores, ended, 1.0)
+
+
+# ----------------------------------------------------------------------------- reward-model judges
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory):
+    """A tiny reward model as `alignkit rm` leaves it: a sequence classifier (random head) with a pad
+    id distinct from EOS, saved with its tokenizer."""
+    from alignkit.embedded import load_embedded_tokenizer
+    from alignkit.reward_model import load_reward_model, set_reward_pad_token
+
+    tok = load_embedded_tokenizer()
+    base = tmp_path_factory.mktemp("lm")
+    make_tiny_llama(len(tok), seed=3).save_pretrained(base)
+    tok.save_pretrained(base)
+    rm = load_reward_model(str(base))
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 1.0)  # scores of order 1, so a wrong token shows
+    set_reward_pad_token(rm, tok)
+    out = tmp_path_factory.mktemp("rm")
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_reward_model_judge_matches_reward_scores(reward_dir, tokenizer, chat_template):
+    """Batched, length-sorted, padded judge scores = reward_scores on each unpadded prompt + response +
+    EOS, tokenised independently here (plain, or the prompt as one templated user turn)."""
+    from alignkit.reward_model import reward_scores
+
+    judge = load_judge(str(reward_dir), batch_size=2, chat_template=chat_template)
+    assert isinstance(judge, RewardModelJudge) and judge.pad_token_id != tokenizer.eos_token_id
+    responses = ["Paris.", "A long answer that goes on for quite a few words more than the others", "Hi", ""]
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[0]]
+    got = judge(prompts, responses)
+    expected = []
+    for p, r in zip(prompts, responses):
+        if chat_template:
+            p = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True)
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"] + \
+            tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            expected.append(reward_scores(judge.model, torch.tensor([ids]), torch.ones(1, len(ids))).item())
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=0)
+    assert got.std() > 0.01  # the scores differ: a mix-up of rows would show
+
+
+def test_reward_model_judge_refuses_a_causal_lm(tiny_model_dir):
+    with pytest.raises(InputError, match="is not a reward model folder") as e:
+        load_judge(str(tiny_model_dir))
+    assert e.value.field == "reward_model"
+
+
+def test_rollout_to_judge_pipeline(policy, prompt_ids, reward_file, tokenizer):
+    """generate -> texts -> judge -> EOS penalty, end to end on the tiny policy."""
+    r = generate(policy, prompt_ids, max_new_tokens=4, eos_token_id=tokenizer.eos_token_id,
+                 generator=torch.Generator().manual_seed(0))
+    scores = load_judge(f"{reward_file}:length")(PROMPTS, r.texts(tokenizer))
+    shaped = eos_penalty(scores, r.ended_with_eos, -1.0)
+    assert shaped.shape == (3,) and all(math.isfinite(x) for x in shaped.tolist())
+    assert torch.equal(shaped, scores - (~r.ended_with_eos).float())
