@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import textwrap
 
@@ -401,6 +402,26 @@ def test_reward_model_judge_matches_reward_scores(reward_dir, tokenizer, chat_te
             expected.append(reward_scores(judge.model, torch.tensor([ids]), torch.ones(1, len(ids))).item())
     torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=0)
     assert got.std() > 0.01  # the scores differ: a mix-up of rows would show
+
+
+def test_reward_model_judge_tokenizer_choice(reward_dir, tmp_path, tokenizer):
+    """The folder's own tokenizer beats a (policy) tokenizer passed along; a folder without one uses
+    the given tokenizer (a copy: the caller's pad token is left alone), or refuses without it."""
+    import shutil
+
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<extra_policy_token>"])
+    judge = load_judge(str(reward_dir), tokenizer=other)
+    assert len(judge.tokenizer) == len(tokenizer)
+    bare = tmp_path / "bare-rm"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(reward_dir / name, bare / name)
+    pad_before = tokenizer.pad_token
+    assert load_judge(str(bare), tokenizer=tokenizer)(["a"], ["b"]).shape == (1,)
+    assert tokenizer.pad_token == pad_before
+    with pytest.raises(InputError, match="holds no tokenizer"):
+        load_judge(str(bare))
 
 
 def test_reward_model_judge_refuses_a_causal_lm(tiny_model_dir):

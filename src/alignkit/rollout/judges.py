@@ -35,6 +35,7 @@ import torch
 from ..errors import InputError
 
 FIELD = "reward_model"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @runtime_checkable
@@ -151,7 +152,8 @@ class RewardModelJudge:
     tokenizer's chat template (training's ``chat_template_for_plain``); a prompt given as a list of
     messages is a conversation, rendered with the template. ``max_length`` / ``max_prompt_length``
     truncate as in training. Sequences are scored in batches of ``batch_size`` sorted by length.
-    ``tokenizer``: only for folders saved without one; a copy is used (the judge sets its pad id).
+    ``tokenizer``: used only for a folder saved without one (the folder's own tokenizer always wins,
+    so a policy tokenizer passed along cannot mis-tokenise); a copy, as the judge sets its pad id.
     """
 
     def __init__(self, path: str, *, batch_size: int = 16, max_length: int | None = None,
@@ -170,8 +172,12 @@ class RewardModelJudge:
         if not _is_reward_model_folder(folder):
             raise InputError("is not a reward model folder (its config.json names no *ForSequenceClassification "
                              "architecture); train one with `alignkit rm`", file=str(path), field=FIELD)
-        self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else \
-            load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+        if any((folder / name).is_file() for name in _TOKENIZER_FILES):  # the reward model's own tokenizer wins
+            self.tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+        elif tokenizer is not None:
+            self.tokenizer = copy.deepcopy(tokenizer)
+        else:
+            raise InputError("holds no tokenizer and none was given", file=str(path), field=FIELD)
         self.model = load_reward_model(str(path), trust_remote_code=trust_remote_code).eval()
         if device is not None:
             self.model.to(device)
