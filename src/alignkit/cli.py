@@ -21,6 +21,8 @@ COMMANDS = {
     "rm": "train a reward model (scalar head) on preference pairs or K-wise rankings",
     "dpo": "direct preference optimisation (DPO, cDPO, IPO, SimPO, DPO-Positive, hinge, robust)",
     "score": "score responses with a reward model and write them as JSONL",
+    "ppo": "RLHF with PPO against a reward model or a reward function (KL penalty to the reference, GAE, PPO-ptx)",
+    "grpo": "group-relative policy gradient, GRPO or RLOO (--baseline loo): K samples per prompt, no value model",
 }
 
 
@@ -92,6 +94,12 @@ def run(command: str, sections: dict) -> Path:
     if command == "rm":
         from .train.reward import run_rm
         return run_rm(sections["model"], sections["data"], sections["train"], sections["rm"])
+    if command == "ppo":
+        from .train.ppo import run_ppo
+        return run_ppo(sections["model"], sections["data"], sections["train"], sections["rollout"], sections["ppo"])
+    if command == "grpo":
+        from .train.grpo import run_grpo
+        return run_grpo(sections["model"], sections["data"], sections["train"], sections["rollout"], sections["grpo"])
     if command == "score":
         from .score import run_score
         return run_score(sections["score"])

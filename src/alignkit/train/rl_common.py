@@ -15,10 +15,20 @@ chunks (``ops.logprobs.linear_token_logprobs``).
 
 from __future__ import annotations
 
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from ..errors import InputError
+from ..models import add_lora, frozen_copy, load_causal_lm, reference_context
 from ..ops.logprobs import _causal_lm, _chunk_rows, linear_token_logprobs
+from .loop import MetricsLog, _check_finite, _set_rng_state, list_checkpoints, save_checkpoint, stream_indices
 
 
 def _backbone_and_head(model):
@@ -92,3 +102,159 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+# ----------------------------------------------------------------------------- the RL loop
+
+@dataclass
+class Experience:
+    """One rollout batch, ready for the policy-gradient epochs. Per-token tensors are (R, T) in response
+    coordinates (see the module docstring); R = responses in the batch."""
+
+    ids: torch.Tensor                 # (R, P+T) prompt (left-padded) + response (right-padded)
+    mask: torch.Tensor                # (R, P+T)
+    prompt_len: int                   # P
+    response_mask: torch.Tensor       # (R, T) float, 1 on response tokens (EOS included)
+    old_logp: torch.Tensor            # (R, T) log π_old of the sampled tokens
+    advantages: torch.Tensor          # (R, T)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # recipe-specific: returns, old values, ref log-probs
+    stats: dict[str, float] = field(default_factory=dict)         # logged once per step
+    rollout_seconds: float = 0.0
+
+
+def judge_scores(judge, prompts: list[str], responses: list[str], ended: torch.Tensor, cfg) -> torch.Tensor:
+    """(R,) float: the judge's scores, plus the missing-EOS penalty, clipped if asked."""
+    from ..rollout.judges import eos_penalty
+
+    scores = judge(prompts, responses).float()
+    scores = eos_penalty(scores, ended, cfg.missing_eos_penalty)
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    return scores
+
+
+def rollout_stats(scores: torch.Tensor, kl_seq: torch.Tensor, entropy: torch.Tensor | None, mask: torch.Tensor,
+                  ended: torch.Tensor) -> dict[str, float]:
+    """reward/mean, reward/std, kl (mean per-response KL to the reference), entropy (per token; left
+    out when None), response_length, eos_rate."""
+    n, tokens = len(scores), float(mask.sum())
+    out = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std(unbiased=False)) if n > 1 else 0.0,
+           "kl": float(kl_seq.mean()), "response_length": tokens / n, "eos_rate": float(ended.float().mean())}
+    if entropy is not None:
+        out["entropy"] = float((entropy * mask).sum()) / max(tokens, 1.0)
+    return out
+
+
+def setup_policy(model_cfg):
+    """(policy, reference): LoRA's reference is the policy with adapters disabled; else a frozen copy."""
+    policy = load_causal_lm(model_cfg.model, trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if model_cfg.lora_r:
+        policy = add_lora(policy, r=model_cfg.lora_r, alpha=model_cfg.lora_alpha, dropout=model_cfg.lora_dropout)
+        return policy, policy
+    return policy, frozen_copy(policy)
+
+
+@torch.no_grad()
+def reference_logp(module: PolicyValue, reference, ids, mask, prompt_len, response_mask) -> torch.Tensor:
+    """log π_ref of the sampled tokens (R, T): adapters disabled under LoRA, else the frozen copy."""
+    if reference is module.policy:
+        with reference_context(module.policy):
+            return module(ids, mask, prompt_len, response_mask)[0].float()
+    return PolicyValue(reference, temperature=module.temperature)(ids, mask, prompt_len, response_mask)[0].float()
+
+
+def refuse_multiprocess(accelerator, command: str) -> None:
+    if accelerator.num_processes > 1:
+        raise InputError(f"{command} runs in one process for now (each process would need its own rollouts and "
+                         "judge); launch it without torchrun", field="launcher")
+
+
+def _save(root: Path, step: int, module, optimizer, scheduler, kl_ctl, limit) -> None:
+    state = {k: p.detach().cpu().contiguous() for k, p in module.named_parameters() if p.requires_grad}
+    path = save_checkpoint(root, step, state, optimizer.state_dict(), scheduler, limit)
+    (path / "kl_controller.json").write_text(json.dumps(kl_ctl.state_dict()))
+
+
+def _load(path: Path, module, optimizer, scheduler, kl_ctl) -> int:
+    from safetensors.torch import load_file
+
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for k, v in load_file(str(path / "trainable.safetensors")).items():
+            params[k].copy_(v)
+    extra = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    _set_rng_state(extra["rng"])
+    kl_ctl.load_state_dict(json.loads((path / "kl_controller.json").read_text()))
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def rl_loop(*, accelerator, module: PolicyValue, num_prompts: int, cfg, rollout_cfg, out_dir: Path,
+            make_experience: Callable[[list[int]], Experience],
+            minibatch_loss: Callable[[PolicyValue, Experience, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+            kl_ctl, responses_per_prompt: int = 1, desc: str = "rl") -> None:
+    """The on-policy loop: per step, ``make_experience(prompt indices)`` (rollout, judge, advantages),
+    then ``--ppo-epochs`` passes over shuffled mini-batches of ``--mini-batch-size`` responses, one
+    optimizer step each on ``minibatch_loss``; the KL controller sees the step's mean KL.
+    Checkpoints (weights, optimizer, scheduler, β, RNG) every ``--save-every`` steps; ``--resume``.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    b = cfg.batch_size
+    responses = b * responses_per_prompt
+    mb = min(rollout_cfg.mini_batch_size, responses)
+    steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * num_prompts / b))
+    updates = steps * rollout_cfg.ppo_epochs * math.ceil(responses / mb)
+    params = trainable_parameters(module)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates), num_training_steps=updates)
+    ckpt_root = out_dir / "checkpoints"
+    start = 0
+    if cfg.resume and (found := list_checkpoints(ckpt_root)):
+        start = _load(found[-1], module, optimizer, scheduler, kl_ctl)
+        accelerator.print(f"resuming from {found[-1]} (step {start} of {steps})")
+    log = MetricsLog(out_dir, accelerator.is_main_process, resume_step=start)
+    bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process),
+               desc=desc, unit="step", dynamic_ncols=True)
+    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    for step in range(start, steps):
+        exp = make_experience(stream_indices(step, num_prompts, b, cfg.seed))
+        t1 = time.perf_counter()
+        sums: dict[str, float] = {}
+        n_updates = 0
+        module.train()
+        for _ in range(rollout_cfg.ppo_epochs):
+            for chunk in torch.randperm(exp.ids.shape[0]).split(mb):
+                with accelerator.autocast():
+                    loss, stats = minibatch_loss(module, exp, chunk)
+                accelerator.backward(loss)
+                grad_norm = float(accelerator.clip_grad_norm_(params, clip))
+                _check_finite(step, float(loss.detach()), grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_updates += 1
+                for k, v in {"loss": float(loss.detach()), "grad_norm": grad_norm, **stats}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        t_update = time.perf_counter() - t1
+        beta = kl_ctl.value
+        kl_ctl.update(exp.stats["kl"], exp.ids.shape[0])
+        tokens = float(exp.response_mask.sum())
+        record = {k: v / n_updates for k, v in sums.items()}
+        record.update(exp.stats, beta=beta, lr=scheduler.get_last_lr()[0],
+                      rollout_tokens_per_second=tokens / max(exp.rollout_seconds, 1e-9),
+                      update_tokens_per_second=tokens * rollout_cfg.ppo_epochs / max(t_update, 1e-9))
+        done = step + 1
+        if done % cfg.log_every == 0 or done == steps:
+            log.log(done, record)
+            bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record['kl']:.3f}")
+        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+            _save(ckpt_root, done, module, optimizer, scheduler, kl_ctl, cfg.save_limit)
+        bar.update(1)
+    bar.close()
+    log.close()
