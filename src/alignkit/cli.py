@@ -23,6 +23,11 @@ COMMANDS = {
     "score": "score responses with a reward model and write them as JSONL",
     "ppo": "RLHF with PPO against a reward model or a reward function (KL penalty to the reference, GAE, PPO-ptx)",
     "grpo": "group-relative policy gradient, GRPO or RLOO (--baseline loo): K samples per prompt, no value model",
+    "generate": "sample N responses per prompt (KV cache) and write {prompt, responses} JSONL",
+    "best-of-n": "rejection sampling: keep the judge's best of N responses per prompt (an SFT dataset)",
+    "rso": "statistical rejection sampling (RSO): accepted samples of pi_sft*exp(r/beta), paired for DPO",
+    "online-dpo": "iterative / online DPO: rounds of sample K -> rank with the judge -> DPO on the new pairs",
+    "iterated-rlhf": "rounds of sample -> label -> retrain the reward model on all labels -> PPO",
 }
 
 
@@ -100,6 +105,17 @@ def run(command: str, sections: dict) -> Path:
     if command == "grpo":
         from .train.grpo import run_grpo
         return run_grpo(sections["model"], sections["data"], sections["train"], sections["rollout"], sections["grpo"])
+    if command in ("generate", "best-of-n", "rso"):
+        from .train.online import run_generate
+        return run_generate(sections["generate"], sections["sampling"], mode=command)
+    if command == "online-dpo":
+        from .train.online import run_online_dpo
+        return run_online_dpo(sections["model"], sections["data"], sections["train"], sections["dpo"],
+                              sections["sampling"], sections["online"])
+    if command == "iterated-rlhf":
+        from .train.online import run_iterated_rlhf
+        return run_iterated_rlhf(sections["model"], sections["data"], sections["train"], sections["rollout"],
+                                 sections["ppo"], sections["iterate"])
     if command == "score":
         from .score import run_score
         return run_score(sections["score"])

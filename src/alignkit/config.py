@@ -121,8 +121,9 @@ class ScoreConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    reward_model: str = Field(description="the judge: a reward-model folder from `alignkit rm`, or a Python function "
-                                          "'module:function' / 'path/file.py:function' with reward(prompt, response) -> float")
+    reward_model: str | None = Field(None, description="the judge (required by ppo and grpo): a reward-model folder from "
+                                                       "`alignkit rm`, or a Python function 'module:function' / "
+                                                       "'path/file.py:function' with reward(prompt, response) -> float")
     max_new_tokens: int = Field(64, ge=1, description="the horizon T: most tokens sampled per response")
     temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs are of the tempered policy)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set with probability >= p")
@@ -167,6 +168,56 @@ class GRPOConfig(_Section):
     scale_rewards: bool = Field(True, description="divide advantages by the group's std (GRPO); off = Dr. GRPO / RLOO")
 
 
+class SamplingConfig(_Section):
+    num_responses: int = Field(4, ge=1, description="responses sampled per prompt (N, or K)")
+    max_new_tokens: int = Field(64, ge=1, description="most tokens sampled per response")
+    temperature: float = Field(0.8, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set with probability >= p")
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens; 0 = all")
+    gen_batch_size: int = Field(8, ge=1, description="prompts per generation batch")
+
+
+class GenerateConfig(_Section):
+    model: str = Field(description="the policy to sample from (folder, hub id, .gguf, or 'smollm2-135m-instruct')")
+    data: list[str] = Field(description="prompts: any rows with a 'prompt' (string or messages)")
+    output: Path = Field(description="JSONL file to write")
+    reward_model: str | None = Field(None, description="the judge (best-of-n, rso): a reward-model folder or 'module:function'")
+    max_prompt_length: int = Field(256, ge=1, description="max prompt tokens (the END of the prompt is kept)")
+    chat_template_for_plain: bool = Field(False, description="render plain-string prompts with the chat template")
+    skip_invalid: bool = Field(False, description="skip bad rows (and report them) instead of stopping")
+    rso_beta: float = Field(0.5, gt=0, description="rso: beta of the target policy pi_ref * exp(r / beta)")
+    num_accept: int = Field(2, ge=2, description="rso: responses accepted per prompt (then paired for DPO)")
+    seed: int = Field(42, description="sampling seed")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast")
+    trust_remote_code: bool = Field(False, description="allow model code from the model folder")
+    overwrite: bool = Field(False, description="replace an existing --output file")
+    progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v
+
+
+class OnlineDPOConfig(_Section):
+    reward_model: str = Field(description="the judge that ranks each round's samples: a reward-model folder or 'module:function'")
+    rounds: int = Field(2, ge=1, description="sample -> rank -> DPO rounds")
+    reference: Literal["round", "fixed"] = Field("round", description="DPO reference: each round's starting policy, "
+                                                                      "or the initial model throughout")
+    pairs: Literal["best-worst", "all"] = Field("best-worst", description="pairs per prompt: the best against the "
+                                                                           "worst response, or every untied pair")
+
+
+class IterateConfig(_Section):
+    labeler: str = Field(description="who labels each round's samples (the 'human'): a reward-model folder or "
+                                     "'module:function'; its scores rank the K responses")
+    rounds: int = Field(2, ge=1, description="sample -> label -> retrain RM on all labels so far -> PPO rounds")
+    num_responses: int = Field(4, ge=2, le=9, description="K responses per prompt to label")
+    rm_steps: int = Field(50, ge=1, description="reward-model optimizer steps per round")
+    rm_lr: float = Field(1e-4, gt=0, description="reward-model learning rate")
+    rm_batch_size: int = Field(4, ge=1, description="prompts (with their K responses) per reward-model batch")
+
+
 SECTIONS: dict[str, dict[str, type[_Section]]] = {
     "dpo": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dpo": DPOConfig},
     "sft": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sft": SFTConfig},
@@ -174,6 +225,13 @@ SECTIONS: dict[str, dict[str, type[_Section]]] = {
     "score": {"score": ScoreConfig},
     "ppo": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rollout": RolloutConfig, "ppo": PPOConfig},
     "grpo": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rollout": RolloutConfig, "grpo": GRPOConfig},
+    "generate": {"generate": GenerateConfig, "sampling": SamplingConfig},
+    "best-of-n": {"generate": GenerateConfig, "sampling": SamplingConfig},
+    "rso": {"generate": GenerateConfig, "sampling": SamplingConfig},
+    "online-dpo": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dpo": DPOConfig,
+                   "sampling": SamplingConfig, "online": OnlineDPOConfig},
+    "iterated-rlhf": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rollout": RolloutConfig,
+                      "ppo": PPOConfig, "iterate": IterateConfig},
 }
 
 # Defaults that differ per command (a flag or the YAML still overrides them).

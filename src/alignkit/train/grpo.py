@@ -26,7 +26,7 @@ from ..models import load_tokenizer, save_model
 from ..ops import advantages as adv_ops
 from ..rollout.generate import sample_k
 from ..rollout.judges import load_judge
-from .rl_common import (Experience, PolicyValue, judge_scores, reference_logp, refuse_multiprocess, rl_loop,
+from .rl_common import (Experience, PolicyValue, judge_scores, reference_logp, refuse_multiprocess, require_judge, rl_loop,
                         rollout_stats, setup_policy)
 from .run import finish_run, make_accelerator, prepare_output_dir
 
@@ -82,7 +82,7 @@ def run_grpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, rollo
     prompts, report = load_prompts(data.data, tokenizer, max_prompt_length=data.max_prompt_length,
                                    chat_template_for_plain=data.chat_template_for_plain, skip_invalid=data.skip_invalid)
     accelerator.print(f"prompts: {report.summary()}")
-    judge = load_judge(rollout.reward_model, tokenizer=tokenizer, batch_size=rollout.judge_batch_size,
+    judge = load_judge(require_judge(rollout), tokenizer=tokenizer, batch_size=rollout.judge_batch_size,
                        max_length=data.max_length)
     out_dir = prepare_output_dir(accelerator, train_cfg, {"model": model, "data": data, "train": train_cfg,
                                                           "rollout": rollout, "grpo": grpo})

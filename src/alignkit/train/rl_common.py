@@ -165,6 +165,13 @@ def reference_logp(module: PolicyValue, reference, ids, mask, prompt_len, respon
     return PolicyValue(reference, temperature=module.temperature)(ids, mask, prompt_len, response_mask)[0].float()
 
 
+def require_judge(rollout_cfg) -> str:
+    if not rollout_cfg.reward_model:
+        raise InputError("required: a reward-model folder or 'module:function'", file="command line",
+                         field="reward_model")
+    return rollout_cfg.reward_model
+
+
 def refuse_multiprocess(accelerator, command: str) -> None:
     if accelerator.num_processes > 1:
         raise InputError(f"{command} runs in one process for now (each process would need its own rollouts and "
