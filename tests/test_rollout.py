@@ -438,3 +438,16 @@ def test_rollout_to_judge_pipeline(policy, prompt_ids, reward_file, tokenizer):
     shaped = eos_penalty(scores, r.ended_with_eos, -1.0)
     assert shaped.shape == (3,) and all(math.isfinite(x) for x in shaped.tolist())
     assert torch.equal(shaped, scores - (~r.ended_with_eos).float())
+
+
+def test_inverse_cdf_sampler_matches_the_softmax_and_never_picks_a_filtered_token():
+    """20 000 draws from softmax([2, 1, 0, -inf, 0.5]): each frequency within 5 binomial standard
+    deviations (<= 0.017 here) of its probability; the -inf token (p = 0) is never drawn."""
+    from alignkit.rollout.generate import _sample
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), 0.5]]).repeat(20_000, 1)
+    draws = _sample(logits, torch.Generator().manual_seed(3))
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    p = torch.softmax(logits[0].double(), -1)
+    assert freq[3] == 0
+    assert torch.all((freq - p).abs() <= 5 * (p * (1 - p) / len(draws)).sqrt() + 1e-12), (freq, p)

@@ -103,6 +103,20 @@ def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -
     return out
 
 
+def _sample(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from softmax(logits) (B, V) by inverting the CDF: a uniform draw scaled to the
+    row's total, located in the cumulative sums (right=True: a zero-probability token, whose sum equals
+    its predecessor's, can never be hit). Distributed exactly as ``torch.multinomial``, whose CPU kernel
+    was ~60x slower on a (8, 49152) batch here (46 ms against 0.7 ms)."""
+    cdf = (logits - logits.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # (B, V) unnormalised
+    total = cdf[:, -1:]  # (B, 1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    token = torch.searchsorted(cdf, u * total, right=True).squeeze(1)  # (B,)
+    # u * total rounds up to total once in ~1e7 draws: fall back to the last token with probability > 0
+    last = (cdf < total).sum(-1)  # (B,) index of the first cumulative sum equal to the total
+    return torch.minimum(token, last)
+
+
 def _check_args(prompt_ids, max_new_tokens: int, temperature: float, top_p: float, top_k: int, vocab: int) -> None:
     if not prompt_ids:
         raise InputError("no prompts to generate from", field="prompts")
@@ -191,14 +205,18 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         ended = torch.zeros(batch, dtype=torch.bool, device=device)
         tokens, logps, live = [], [], []
+        filtering = top_k > 0 or top_p < 1.0
         for step in range(max_new_tokens):
-            scaled = logits / temperature  # (B, V) the policy's distribution at this temperature
+            # (B, V) the policy's distribution at this temperature; every op below is vocabulary-sized,
+            # which on a small model costs as much as the forward, so none is done twice
+            scaled = logits if temperature == 1.0 else logits / temperature
+            lse = torch.logsumexp(scaled, -1)  # (B,)
             if greedy:
                 token = scaled.argmax(-1)  # (B,)
             else:
-                probs = filter_logits(scaled, top_k=top_k, top_p=top_p).softmax(-1)  # (B, V)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-            logp = torch.log_softmax(scaled, -1).gather(1, token[:, None]).squeeze(1)  # (B,) unfiltered
+                kept = filter_logits(scaled, top_k=top_k, top_p=top_p) if filtering else scaled
+                token = _sample(kept, generator)  # (B,)
+            logp = scaled.gather(1, token[:, None]).squeeze(1) - lse  # (B,) log_softmax(scaled)[token], unfiltered
             real = ~done  # (B,) rows still answering: this token is part of their response
             token = torch.where(real, token, torch.full_like(token, pad_token_id))
             tokens.append(token)
