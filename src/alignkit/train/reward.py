@@ -62,13 +62,14 @@ def rm_step(module, batch: dict, *, center_coef: float = 0.0) -> StepOutput:
     margin = batch["margin"] if bool(batch["margin"].any()) else 0.0
     loss = losses.kwise_ranking_loss(scores, batch["better"], batch["worse"], batch["group"], g, margin=margin)  # (B,)
     k = torch.bincount(batch["row_group"], minlength=g).float()  # (B,) responses per prompt
-    mean_r = torch.zeros(g).index_add(0, batch["row_group"], scores) / k  # (B,)
-    mean_sq = torch.zeros(g).index_add(0, batch["row_group"], scores ** 2) / k
+    zeros = partial(torch.zeros, g, device=scores.device)
+    mean_r = zeros().index_add(0, batch["row_group"], scores) / k  # (B,)
+    mean_sq = zeros().index_add(0, batch["row_group"], scores ** 2) / k
     if center_coef:
         loss = loss + center_coef * mean_sq
     s = scores.detach()
     cw, cl, grp = s[batch["better"]], s[batch["worse"]], batch["group"]
-    per_prompt = lambda v: torch.zeros(g).index_add(0, grp, v) / torch.bincount(grp, minlength=g)  # noqa: E731
+    per_prompt = lambda v: zeros().index_add(0, grp, v) / torch.bincount(grp, minlength=g)  # noqa: E731
     metrics = {  # each a sum over prompts of a per-prompt mean over its comparisons / responses
         "accuracy": per_prompt((cw > cl).float()).sum(),
         "rewards/chosen": per_prompt(cw).sum(), "rewards/rejected": per_prompt(cl).sum(),
