@@ -433,11 +433,11 @@ def print_table(model: str, n_params: int, warmup: int, measured: int, res: dict
     print(f"\n### {model} ({n_params / 1e6:.1f}M parameters): {ROLLOUTS} rollouts/step, <= {MAX_NEW_TOKENS} new tokens, "
           f"{warmup} warm-up + {measured} measured steps\n")
     print("| config | step s | completion tokens/step | tokens/s (step) | generation s | generation tokens/s "
-          "| reference s | update s | peak RSS MB | speed vs TRL GRPO | step vs alignkit GRPO | RSS vs TRL GRPO |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| reference s | update s | peak RSS MB | speed vs TRL GRPO | step vs alignkit GRPO | RSS vs TRL GRPO | CPU/wall |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in res.items():
         if "error" in r:
-            print(f"| {DESCRIBE[name]} | error: {r['error'][:120]} | | | | | | | {fmt(r.get('rss_mb'), '.0f')} | | | |")
+            print(f"| {DESCRIBE[name]} | error: {r['error'][:120]} | | | | | | | {fmt(r.get('rss_mb'), '.0f')} | | | | |")
             continue
         lora = CONFIGS[name][2]
         trl = res.get("trl-grpo-lora" if lora else "trl-grpo")
@@ -449,7 +449,7 @@ def print_table(model: str, n_params: int, warmup: int, measured: int, res: dict
                    else None)
         print(f"| {DESCRIBE[name]} | {r['step_s']:.2f} | {r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | "
               f"{r['gen_s']:.2f} | {r['gen_tokens_per_s']:.0f} | {fmt(r['ref_s'])} | {fmt(r['update_s'])} | "
-              f"{r['rss_mb']:.0f} | {fmt(speed)} | {fmt(vs_ours)} | {fmt(rss)} |")
+              f"{r['rss_mb']:.0f} | {fmt(speed)} | {fmt(vs_ours)} | {fmt(rss)} | {fmt(r.get('cpu_per_wall'))} |")
 
 
 def main(argv=None) -> int:
@@ -527,7 +527,8 @@ def main(argv=None) -> int:
     print("\n## RL benchmark (CPU): step time = wall time of a whole training step (rollout + reward + reference + "
           "update); tokens/s = completion tokens / step time; generation tokens/s = completion tokens / generation "
           "time; speed vs TRL = tokens/s ratio against TRL GRPO of the same kind (full or LoRA); peak RSS of a fresh "
-          "process per run")
+          "process per run; CPU/wall = the run's CPU seconds per wall second (~1.8-1.9 with 2 threads on 2 idle cores, "
+          "lower = the run shared the cores with something else)")
     print(f"\nresponse lengths: {a.lengths}")
     for t in tables:
         print_table(*t)
