@@ -433,11 +433,11 @@ def print_table(model: str, n_params: int, warmup: int, measured: int, res: dict
     print(f"\n### {model} ({n_params / 1e6:.1f}M parameters): {ROLLOUTS} rollouts/step, <= {MAX_NEW_TOKENS} new tokens, "
           f"{warmup} warm-up + {measured} measured steps\n")
     print("| config | step s | completion tokens/step | tokens/s (step) | generation s | generation tokens/s "
-          "| reference s | update s | peak RSS MB | speed vs TRL GRPO | step vs alignkit GRPO | RSS vs TRL GRPO | CPU/wall |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| reference s | rest of experience s | update s | peak RSS MB | speed vs TRL GRPO | step vs alignkit GRPO | RSS vs TRL GRPO | CPU/wall |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in res.items():
         if "error" in r:
-            print(f"| {DESCRIBE[name]} | error: {r['error'][:120]} | | | | | | | {fmt(r.get('rss_mb'), '.0f')} | | | | |")
+            print(f"| {DESCRIBE[name]} | error: {r['error'][:120]} | | | | | | | | {fmt(r.get('rss_mb'), '.0f')} | | | | |")
             continue
         lora = CONFIGS[name][2]
         trl = res.get("trl-grpo-lora" if lora else "trl-grpo")
@@ -447,8 +447,9 @@ def print_table(model: str, n_params: int, warmup: int, measured: int, res: dict
         rss = r["rss_mb"] / trl["rss_mb"] if trl_ok else None
         vs_ours = (r["step_s"] / ours["step_s"] if ours is not None and "error" not in ours and CONFIGS[name][1] == "ppo"
                    else None)
+        rest = (r["step_s"] - r["gen_s"] - r["ref_s"] - r["update_s"]) if r["update_s"] is not None else None
         print(f"| {DESCRIBE[name]} | {r['step_s']:.2f} | {r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | "
-              f"{r['gen_s']:.2f} | {r['gen_tokens_per_s']:.0f} | {fmt(r['ref_s'])} | {fmt(r['update_s'])} | "
+              f"{r['gen_s']:.2f} | {r['gen_tokens_per_s']:.0f} | {fmt(r['ref_s'])} | {fmt(rest)} | {fmt(r['update_s'])} | "
               f"{r['rss_mb']:.0f} | {fmt(speed)} | {fmt(vs_ours)} | {fmt(rss)} | {fmt(r.get('cpu_per_wall'))} |")
 
 
