@@ -159,21 +159,11 @@ def promote(src: Path, dst: Path) -> None:
 def run_online_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: DPOConfig,
                    sampling: SamplingConfig, online: OnlineDPOConfig) -> Path:
     """`alignkit online-dpo`: ``online.rounds`` of sample -> rank with the judge -> DPO. Returns the output folder."""
-    from ..config import dump_config
     from .dpo import run_dpo
 
-    out = Path(train_cfg.output_dir)
-    if (out / "config.yaml").exists() and not (train_cfg.resume or train_cfg.overwrite):
-        raise InputError("the output folder already holds a run; pass --resume to continue it, --overwrite to "
-                         "replace it, or choose another folder", file=str(out), field="output_dir")
-    tokenizer = load_tokenizer(model.model, trust_remote_code=model.trust_remote_code)
-    prompts, report = load_prompts(data.data, tokenizer, max_prompt_length=data.max_prompt_length,
-                                   chat_template_for_plain=data.chat_template_for_plain, skip_invalid=data.skip_invalid)
-    print(f"prompts: {report.summary()}")
-    judge = load_judge(online.reward_model, tokenizer=tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config({"model": model, "data": data, "train": train_cfg, "dpo": dpo, "sampling": sampling,
-                 "online": online}, out / "config.yaml")
+    out, tokenizer, prompts, judge = _start_rounds(
+        model, data, train_cfg, online.reward_model,
+        {"model": model, "data": data, "train": train_cfg, "dpo": dpo, "sampling": sampling, "online": online})
     current = model.model
     for r in range(1, online.rounds + 1):
         round_dir = out / "rounds" / f"round-{r}"
@@ -209,6 +199,25 @@ def run_online_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig,
     return out
 
 
+def _start_rounds(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, judge_spec: str, sections: dict):
+    """What every round-based run does first: refuse to clobber a finished run, load and check every
+    prompt and the judge before writing anything, then write config.yaml. Returns (out, tokenizer, prompts, judge)."""
+    from ..config import dump_config
+
+    out = Path(train_cfg.output_dir)
+    if (out / "config.yaml").exists() and not (train_cfg.resume or train_cfg.overwrite):
+        raise InputError("the output folder already holds a run; pass --resume to continue it, --overwrite to "
+                         "replace it, or choose another folder", file=str(out), field="output_dir")
+    tokenizer = load_tokenizer(model.model, trust_remote_code=model.trust_remote_code)
+    prompts, report = load_prompts(data.data, tokenizer, max_prompt_length=data.max_prompt_length,
+                                   chat_template_for_plain=data.chat_template_for_plain, skip_invalid=data.skip_invalid)
+    print(f"prompts: {report.summary()}")
+    judge = load_judge(judge_spec, tokenizer=tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(sections, out / "config.yaml")
+    return out, tokenizer, prompts, judge
+
+
 def _round_done(out: Path, round_dir: Path, record: dict) -> None:
     """Mark a round complete (a rerun with --resume skips it) and log it to the run's metrics.jsonl."""
     with (out / "metrics.jsonl").open("a") as f:
@@ -222,22 +231,13 @@ def run_iterated_rlhf(model: ModelConfig, data: DataConfig, train_cfg: TrainConf
     """`alignkit iterated-rlhf`: ``iterate.rounds`` of sample K from the current policy -> label with the
     labeler -> retrain the reward model on ALL labels so far (from the initial backbone) -> PPO from the
     current policy against the new reward model (InstructGPT's steps 2 and 3, iterated)."""
-    from ..config import RMConfig, SamplingConfig, dump_config
+    from ..config import RMConfig, SamplingConfig
     from .ppo import run_ppo
     from .reward import run_rm
 
-    out = Path(train_cfg.output_dir)
-    if (out / "config.yaml").exists() and not (train_cfg.resume or train_cfg.overwrite):
-        raise InputError("the output folder already holds a run; pass --resume to continue it, --overwrite to "
-                         "replace it, or choose another folder", file=str(out), field="output_dir")
-    tokenizer = load_tokenizer(model.model, trust_remote_code=model.trust_remote_code)
-    prompts, report = load_prompts(data.data, tokenizer, max_prompt_length=data.max_prompt_length,
-                                   chat_template_for_plain=data.chat_template_for_plain, skip_invalid=data.skip_invalid)
-    print(f"prompts: {report.summary()}")
-    labeler = load_judge(iterate.labeler, tokenizer=tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config({"model": model, "data": data, "train": train_cfg, "rollout": rollout, "ppo": ppo,
-                 "iterate": iterate}, out / "config.yaml")
+    out, tokenizer, prompts, labeler = _start_rounds(
+        model, data, train_cfg, iterate.labeler,
+        {"model": model, "data": data, "train": train_cfg, "rollout": rollout, "ppo": ppo, "iterate": iterate})
     sampling = SamplingConfig(num_responses=iterate.num_responses, max_new_tokens=rollout.max_new_tokens,
                               temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k)
     labels: list[dict] = []
