@@ -25,7 +25,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/alignkit dpo --config configs/demo_dpo.yaml
 
-test: $(STAMP)
+# the labeling app's browser test drives Debian's Chromium with Playwright (no browser download)
+BROWSER := /usr/bin/chromium
+SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
+$(BROWSER):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
+test: $(STAMP) $(BROWSER)
 	$(PY) -m pytest -n 2 --durations=15
 
 bench: $(STAMP)
