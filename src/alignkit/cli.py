@@ -28,6 +28,9 @@ COMMANDS = {
     "rso": "statistical rejection sampling (RSO): accepted samples of pi_sft*exp(r/beta), paired for DPO",
     "online-dpo": "iterative / online DPO: rounds of sample K -> rank with the judge -> DPO on the new pairs",
     "iterated-rlhf": "rounds of sample -> label -> retrain the reward model on all labels -> PPO",
+    "eval": "win rate of model A's responses against model B's on a prompt set, judged (95% interval)",
+    "demo": "the whole pipeline on the embedded model: sample, label, reward model, PPO, DPO family, evaluate, report",
+    "pipeline": "the demo's pipeline for any model and prompt set (--config FILE.yaml)",
 }
 
 
@@ -116,6 +119,12 @@ def run(command: str, sections: dict) -> Path:
         from .train.online import run_iterated_rlhf
         return run_iterated_rlhf(sections["model"], sections["data"], sections["train"], sections["rollout"],
                                  sections["ppo"], sections["iterate"])
+    if command in ("demo", "pipeline"):
+        from .demo.pipeline import run_pipeline
+        return run_pipeline(sections["pipeline"])
+    if command == "eval":
+        from .eval.run import run_eval
+        return run_eval(sections["eval"], sections["sampling"])
     if command == "score":
         from .score import run_score
         return run_score(sections["score"])

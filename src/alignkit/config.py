@@ -218,6 +218,73 @@ class IterateConfig(_Section):
     rm_batch_size: int = Field(4, ge=1, description="prompts (with their K responses) per reward-model batch")
 
 
+class EvalConfig(_Section):
+    model: str = Field(description="model A, the one evaluated: a folder (full model or LoRA adapter), hub id, .gguf, "
+                                   "or 'smollm2-135m-instruct'")
+    baseline: str = Field(description="model B, compared against (e.g. the SFT start)")
+    judge: str = Field(description="who judges each response: 'rubric' (the rubric labeler, alignkit.labeler), a "
+                                   "reward-model folder, or a function 'module:function' / 'file.py:function'")
+    data: list[str] = Field(description="prompts: any rows with a 'prompt' (string or messages)")
+    output_dir: Path = Field(description="where judgements.jsonl, summary.json and table.md go")
+    reference: str | None = Field(None, description="the reference of the KL column (default: the baseline)")
+    max_prompts: int = Field(0, ge=0, description="evaluate only the first N prompts; 0 = all")
+    max_prompt_length: int = Field(256, ge=1, description="max prompt tokens (the END of the prompt is kept)")
+    chat_template_for_plain: bool = Field(True, description="render plain-string prompts with the chat template "
+                                                            "(the judge always sees the plain text)")
+    skip_invalid: bool = Field(False, description="skip bad rows (and report them) instead of stopping")
+    seed: int = Field(42, description="sampling seed (the same for both models)")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="fp32, or bf16 autocast for sampling")
+    trust_remote_code: bool = Field(False, description="allow model code from the model folders")
+    overwrite: bool = Field(False, description="replace an evaluation already in --output-dir")
+    progress: bool = Field(True, description="show progress bars")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v
+
+
+class PipelineConfig(_Section):
+    model: str = Field("smollm2-135m-instruct", description="the SFT start (or the base for --sft-data): a folder, hub "
+                                                           "id, .gguf, or 'smollm2-135m-instruct'")
+    output_dir: Path = Field(Path("runs/demo"), description="every stage's outputs, the report and report.md")
+    quick: bool = Field(False, description="a short version: fewer prompts, tokens and steps")
+    train_prompts: list[str] | None = Field(None, description="prompts to sample and label (default: the shipped "
+                                                              "constraint instructions, constraints_train.jsonl)")
+    eval_prompts: list[str] | None = Field(None, description="held-out prompts (default: constraints_eval.jsonl)")
+    num_train_prompts: int | None = Field(None, ge=0, description="use the first N training prompts; 0 = all "
+                                                                  "(default: 192, --quick 48)")
+    num_eval_prompts: int | None = Field(None, ge=0, description="use the first N held-out prompts; 0 = all "
+                                                                 "(default: 100, --quick 40)")
+    sft_data: list[str] | None = Field(None, description="optional SFT stage on these demonstrations first")
+    judge: str = Field("rubric", description="the gold judge that labels the samples and judges the evaluation: "
+                                             "'rubric' (alignkit.labeler) or 'module:function'")
+    methods: list[str] = Field(["ppo", "dpo", "cdpo", "ipo", "simpo"],
+                               description="methods to train: ppo, grpo and any DPO-family loss of `alignkit dpo`")
+    num_responses: int = Field(4, ge=2, le=9, description="K responses sampled per training prompt")
+    max_new_tokens: int | None = Field(None, ge=1, description="response horizon (default 48, --quick 40)")
+    temperature: float = Field(0.8, gt=0, description="sampling temperature for the preference data and PPO")
+    eval_temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation")
+    lora_r: int = Field(16, ge=0, description="LoRA rank of every trained model; 0 = full fine-tuning")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast (weights stay fp32) or fp32")
+    rm_steps: int | None = Field(None, ge=1, description="reward-model steps (default 40, --quick 12)")
+    rl_steps: int | None = Field(None, ge=1, description="PPO/GRPO steps (default 24, --quick 6)")
+    dpo_steps: int | None = Field(None, ge=1, description="steps per DPO-family method (default 40, --quick 12)")
+    rm_lr: float = Field(1e-4, gt=0, description="reward-model learning rate")
+    rl_lr: float = Field(5e-5, gt=0, description="PPO/GRPO learning rate")
+    dpo_lr: float = Field(1e-4, gt=0, description="DPO-family learning rate")
+    beta: float = Field(0.1, gt=0, description="DPO beta (SimPO uses its own default)")
+    kl_coef: float = Field(0.05, ge=0, description="PPO's KL coefficient")
+    seed: int = Field(42, description="seed for sampling and training")
+    progress: bool = Field(True, description="show progress bars")
+    overwrite: bool = Field(False, description="recompute every stage instead of resuming finished ones")
+
+    @field_validator("train_prompts", "eval_prompts", "sft_data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v
+
+
 SECTIONS: dict[str, dict[str, type[_Section]]] = {
     "dpo": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dpo": DPOConfig},
     "sft": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sft": SFTConfig},
@@ -232,6 +299,9 @@ SECTIONS: dict[str, dict[str, type[_Section]]] = {
                    "sampling": SamplingConfig, "online": OnlineDPOConfig},
     "iterated-rlhf": {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rollout": RolloutConfig,
                       "ppo": PPOConfig, "iterate": IterateConfig},
+    "eval": {"eval": EvalConfig, "sampling": SamplingConfig},
+    "demo": {"pipeline": PipelineConfig},
+    "pipeline": {"pipeline": PipelineConfig},
 }
 
 # Defaults that differ per command (a flag or the YAML still overrides them).
@@ -239,6 +309,7 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"lr": 2e-5}, "rm": {"lr": 1e-5},
     "ppo": {"lr": 3e-6, "batch_size": 8},
     "grpo": {"lr": 3e-6, "batch_size": 2, "ppo_epochs": 1, "kl_coef": 0.04, "kl_estimator": "k3"},
+    "eval": {"num_responses": 1, "temperature": 0.7, "gen_batch_size": 32},
 }
 
 

@@ -1,0 +1,216 @@
+"""`alignkit eval`: model A's responses against model B's on a prompt set, judged; the win rate with its interval.
+
+Steps: sample ``num_responses`` responses per prompt from A and from B (same prompts, same sampling
+settings, each model with its own seeded generator) -> judge every response -> per prompt, A's i-th
+response against B's i-th (``stats.win_rate``) -> the table, ``judgements.jsonl`` (one row per prompt)
+and ``summary.json`` in ``--output-dir``.
+
+Besides the win rate, per model: the judge's mean score, the mean response length (tokens), the rate of
+responses that ended with EOS, and the mean sequence log-ratio Σ_t [log π(y_t) − log π_ref(y_t)] of its
+own responses against ``--reference`` (default: B). That log-ratio is the usual Monte-Carlo estimate of
+KL(π ‖ π_ref) when responses are sampled at temperature 1; at other temperatures it is the same quantity
+on the tempered samples. With the rubric labeler as the judge (``--judge rubric``), each response's
+table of labels is kept too and the constraint-satisfaction rate is reported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import EvalConfig, SamplingConfig
+from ..data.prompts import PromptItem, load_prompts
+from ..errors import InputError
+from ..models import load_causal_lm, load_tokenizer
+from ..ops.logprobs import token_logprobs
+from ..rollout.generate import sample_k
+from ..rollout.judges import load_judge
+from .stats import win_rate
+
+RUBRIC = "alignkit.labeler:reward"
+
+
+@dataclass
+class Responses:
+    """One model's responses: per prompt, ``num_responses`` texts and their token ids (EOS kept if sampled)."""
+
+    texts: list[list[str]]
+    ids: list[list[list[int]]]
+    ended: list[list[bool]]
+
+    def to_rows(self) -> list[dict]:
+        return [{"texts": t, "ids": i, "ended": e} for t, i, e in zip(self.texts, self.ids, self.ended)]
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> "Responses":
+        return cls([r["texts"] for r in rows], [r["ids"] for r in rows], [r["ended"] for r in rows])
+
+
+def judge_spec(spec: str) -> str:
+    """``rubric`` is the rubric labeler (``alignkit.labeler``); anything else is a judge as for ppo."""
+    return RUBRIC if spec == "rubric" else spec
+
+
+def generate(model, tokenizer, prompts: list[PromptItem], sampling: SamplingConfig, *, seed: int,
+             precision: str = "fp32", progress: bool = True, desc: str = "sample") -> Responses:
+    """``sampling.num_responses`` responses per prompt, in batches of ``gen_batch_size`` prompts (KV cache)."""
+    from tqdm.auto import tqdm
+
+    k = sampling.num_responses
+    texts, ids, ended = [], [], []
+    generator = torch.Generator().manual_seed(seed)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast, torch.no_grad(), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+        for s in range(0, len(prompts), sampling.gen_batch_size):
+            batch = prompts[s:s + sampling.gen_batch_size]
+            roll = sample_k(model, [p.ids for p in batch], k, max_new_tokens=sampling.max_new_tokens,
+                            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            generator=generator)
+            out = roll.texts(tokenizer)
+            rows = [r[:n].tolist() for r, n in zip(roll.response_ids, roll.response_lengths.tolist())]
+            eos = roll.ended_with_eos.tolist()
+            for i in range(len(batch)):
+                texts.append(out[i * k:(i + 1) * k])
+                ids.append(rows[i * k:(i + 1) * k])
+                ended.append(eos[i * k:(i + 1) * k])
+            bar.update(len(batch))
+    return Responses(texts, ids, ended)
+
+
+@torch.no_grad()
+def sequence_log_ratio(policy, reference, prompts: list[PromptItem], responses: Responses, pad_token_id: int,
+                       batch_size: int = 16) -> list[list[float]]:
+    """Σ_t [log π(y_t|x, y_<t) − log π_ref(y_t|x, y_<t)] of each response (temperature 1), per prompt."""
+    flat = [(p.ids, r) for p, rs in zip(prompts, responses.ids) for r in rs]
+    out: list[float] = []
+    for s in range(0, len(flat), batch_size):
+        chunk = flat[s:s + batch_size]
+        width = max(len(p) + len(r) for p, r in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)   # (b, L) right-padded
+        mask = torch.zeros_like(ids)
+        resp = torch.zeros_like(ids, dtype=torch.bool)                            # True on response tokens
+        for row, (p, r) in enumerate(chunk):
+            ids[row, :len(p) + len(r)] = torch.tensor(p + r)
+            mask[row, :len(p) + len(r)] = 1
+            resp[row, len(p):len(p) + len(r)] = True
+        diff = token_logprobs(policy, ids, mask, resp) - token_logprobs(reference, ids, mask, resp)  # (b, L)
+        out += diff.sum(-1).tolist()
+    per_prompt, i = [], 0
+    for rs in responses.ids:
+        per_prompt.append(out[i:i + len(rs)])
+        i += len(rs)
+    return per_prompt
+
+
+def judge_responses(judge, prompts: list[PromptItem], responses: Responses) -> list[list[float]]:
+    flat_p = [p.text for p, rs in zip(prompts, responses.texts) for _ in rs]
+    flat_r = [r for rs in responses.texts for r in rs]
+    scores = judge(flat_p, flat_r).tolist() if flat_r else []
+    out, i = [], 0
+    for rs in responses.texts:
+        out.append(scores[i:i + len(rs)])
+        i += len(rs)
+    return out
+
+
+def rubric_tables(prompts: list[PromptItem], responses: Responses) -> list[list[dict]]:
+    from .. import labeler
+
+    return [[labeler.label(p.text, r) for r in rs] for p, rs in zip(prompts, responses.texts)]
+
+
+def model_summary(responses: Responses, scores: list[list[float]], log_ratio: list[list[float]] | None,
+                  tables: list[list[dict]] | None) -> dict:
+    """Means over every response of one model."""
+    flat = lambda xs: [x for row in xs for x in row]  # noqa: E731
+    n = max(1, len(flat(responses.texts)))
+    out = {"score": sum(flat(scores)) / n,
+           "length": sum(len(r) for r in flat(responses.ids)) / n,
+           "eos_rate": sum(flat(responses.ended)) / n}
+    if log_ratio is not None:
+        out["kl"] = sum(flat(log_ratio)) / n
+    if tables is not None:
+        out["constraint_rate"] = sum(t["satisfies_constraint"] for t in flat(tables)) / n
+        out["rubric_overall"] = sum(t["overall"] for t in flat(tables)) / n
+    return out
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table: one row per compared model."""
+    head = "| model | win rate vs baseline | 95% CI | W / T / L | judge score | constraint ok | KL | length |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        opt = lambda key, fmt: format(r[key], fmt) if r.get(key) is not None else "–"  # noqa: E731
+        win = f"{r['rate']:.3f}" if "rate" in r else "–"
+        ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if "rate" in r else "–"
+        wtl = f"{r['wins']} / {r['ties']} / {r['losses']}" if "rate" in r else "–"
+        lines.append(f"| {r['name']} | {win} | {ci} | {wtl} | {opt('score', '.3f')} | {opt('constraint_rate', '.2f')} "
+                     f"| {opt('kl', '.2f')} | {opt('length', '.1f')} |")
+    return "\n".join(lines)
+
+
+def run_eval(cfg: EvalConfig, sampling: SamplingConfig) -> Path:
+    """`alignkit eval`. Returns the output folder."""
+    out = Path(cfg.output_dir)
+    if (out / "summary.json").exists() and not cfg.overwrite:
+        raise InputError("holds an evaluation already; pass --overwrite to replace it", file=str(out),
+                         field="output_dir")
+    tokenizer = load_tokenizer(cfg.baseline, trust_remote_code=cfg.trust_remote_code)
+    prompts, report = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                   chat_template_for_plain=cfg.chat_template_for_plain, skip_invalid=cfg.skip_invalid)
+    if cfg.max_prompts:
+        prompts = prompts[:cfg.max_prompts]
+    print(f"prompts: {report.summary()}")
+    spec = judge_spec(cfg.judge)
+    judge = load_judge(spec, tokenizer=tokenizer)
+    tables_wanted = spec == RUBRIC
+    reference = load_causal_lm(cfg.reference or cfg.baseline, trust_remote_code=cfg.trust_remote_code).eval()
+    results = {}
+    for name, path in (("model", cfg.model), ("baseline", cfg.baseline)):
+        model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code).eval()
+        resp = generate(model, tokenizer, prompts, sampling, seed=cfg.seed, precision=cfg.precision,
+                        progress=cfg.progress, desc=f"sample {name}")
+        ratio = sequence_log_ratio(model, reference, prompts, resp, tokenizer.pad_token_id)
+        del model
+        scores = judge_responses(judge, prompts, resp)
+        tables = rubric_tables(prompts, resp) if tables_wanted else None
+        results[name] = (resp, scores, ratio, tables)
+    return write_eval(out, cfg, prompts, results)
+
+
+def write_eval(out: Path, cfg: EvalConfig, prompts: list[PromptItem], results: dict) -> Path:
+    (resp_a, sc_a, kl_a, tab_a), (resp_b, sc_b, kl_b, tab_b) = results["model"], results["baseline"]
+    wr = win_rate(sc_a, sc_b)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, p in enumerate(prompts):
+        row = {"prompt": p.text, "responses_model": resp_a.texts[i], "responses_baseline": resp_b.texts[i],
+               "scores_model": sc_a[i], "scores_baseline": sc_b[i]}
+        if tab_a is not None:
+            row["labels_model"], row["labels_baseline"] = tab_a[i], tab_b[i]
+        rows.append(row)
+    from ..train.online import write_jsonl
+
+    write_jsonl(out / "judgements.jsonl", rows)
+    summary = {"model": cfg.model, "baseline": cfg.baseline, "judge": cfg.judge, "prompts": len(prompts),
+               "win_rate": wr.as_dict(), "model_stats": model_summary(resp_a, sc_a, kl_a, tab_a),
+               "baseline_stats": model_summary(resp_b, sc_b, kl_b, tab_b)}
+    write_json_atomic(out / "summary.json", summary)
+    table = format_table([{"name": f"model ({cfg.model})", **wr.as_dict(), **summary["model_stats"]},
+                          {"name": f"baseline ({cfg.baseline})", **summary["baseline_stats"]}])
+    (out / "table.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    verdict = "beats" if wr.significant else "loses to" if wr.ci_high < 0.5 else "is not distinguishable from"
+    print(f"model {verdict} baseline: win rate {wr.rate:.3f}, 95% CI [{wr.ci_low:.3f}, {wr.ci_high:.3f}] "
+          f"over {wr.n} prompts (ties counted half)")
+    return out
