@@ -136,3 +136,15 @@ def test_sequence_log_ratio_matches_full_logits(tokenizer):
         want = [[seq_logp(pi, p.ids, r) - seq_logp(ref, p.ids, r) for r in rs] for p, rs in zip(prompts, resp.ids)]
     assert got == [pytest.approx(w, abs=1e-4) for w in want]
     assert abs(want[0][0]) > 1e-2  # the models differ: the check can fail
+
+
+def test_every_help_page_renders(capsys):
+    """`alignkit --help` and each command's --help print and exit 0 (argparse formats help with %, so a
+    stray '%' in a description would crash it)."""
+    from alignkit.cli import COMMANDS, build_parser
+
+    for argv in (["--help"], *[[c, "--help"] for c in COMMANDS]):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(argv)
+        assert e.value.code == 0
+    assert "win rate" in capsys.readouterr().out

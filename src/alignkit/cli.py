@@ -33,6 +33,8 @@ COMMANDS = {
     "pipeline": "the demo's pipeline for any model and prompt set (--config FILE.yaml)",
 }
 
+LABEL_HELP = "the labeling web app: `label serve` (rank and score K responses), `label export`, `label stats`"
+
 
 def _flag_type(annotation: Any):
     """argparse type and nargs for a pydantic field annotation."""
@@ -69,7 +71,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="alignkit", description="Align language models with human preferences.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("label", help=LABEL_HELP, add_help=False)  # its own parser: alignkit.label.cli
     for command, help_text in COMMANDS.items():
+        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         p = sub.add_parser(command, help=help_text, description=help_text)
         p.add_argument("--config", type=Path, default=None, help="YAML file of settings; flags override it")
         _add_fields(p, command)
@@ -138,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     from .memory import return_freed_memory_to_os
     from .train.run import shutdown
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["label"]:
+        from .label.cli import main as label_main
+        return label_main(argv[1:])
     return_freed_memory_to_os()
     try:
-        command, sections = parse(sys.argv[1:] if argv is None else argv)
+        command, sections = parse(argv)
         out = run(command, sections)
         if os.environ.get("RANK", "0") == "0":
             print(f"done: {out}")
