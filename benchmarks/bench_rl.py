@@ -132,11 +132,11 @@ def run_child(cmd: list[str], env: dict, log_file: Path) -> tuple[int, float, st
 
 
 def run_config(name: str, model_dir: Path, warmup: int, measured: int, work: Path, threads: int | None,
-               fixed: bool, glibc_malloc: bool = False) -> dict:
+               fixed: bool, glibc_malloc: bool = False, rl_mmap_threshold: int | None = None) -> dict:
     lib = CONFIGS[name][0]
     tag = f"{model_dir.parent.name if model_dir.name == 'hf' else model_dir.name}-{name}"
     spec = {"name": name, "model": str(model_dir), "warmup": warmup, "measured": measured, "fixed": fixed,
-            "glibc_malloc": glibc_malloc,
+            "glibc_malloc": glibc_malloc, "rl_mmap_threshold": rl_mmap_threshold,
             "out": str(work / f"run-{tag}")}
     result = work / f"{tag}.json"
     result.unlink(missing_ok=True)
@@ -249,6 +249,9 @@ def alignkit_child(spec: dict, result_path: str) -> None:
 
     if spec.get("glibc_malloc"):  # diagnostic: leave glibc's own (dynamic) mmap threshold in place
         memory.return_freed_memory_to_os = lambda: False
+        memory.RL_MMAP_THRESHOLD = 0
+    if spec.get("rl_mmap_threshold") is not None:  # diagnostic: the threshold rl_loop sets (0: keep 64 KiB)
+        memory.RL_MMAP_THRESHOLD = spec["rl_mmap_threshold"]
 
     steps = spec["warmup"] + spec["measured"]
     rec = instrument_alignkit(fixed=spec["fixed"])
@@ -466,8 +469,11 @@ def main(argv=None) -> int:
                     help="fixed: every response is max-new-tokens long in both libraries (EOS does not end a row; "
                          "equal work); natural: rows end at EOS, lengths differ by library and step")
     ap.add_argument("--glibc-malloc", action="store_true",
-                    help="diagnostic: run alignkit without its fixed 64 KiB glibc mmap threshold "
-                         "(alignkit.memory), to measure what that setting costs")
+                    help="diagnostic: run alignkit with glibc's own dynamic mmap threshold (neither the CLI's "
+                         "64 KiB nor rl_loop's alignkit.memory.RL_MMAP_THRESHOLD)")
+    ap.add_argument("--rl-mmap-threshold", type=int, default=None,
+                    help="diagnostic: the glibc mmap threshold in bytes rl_loop sets (alignkit.memory."
+                         "RL_MMAP_THRESHOLD; 0 keeps the CLI's 64 KiB, as before it was added)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: torch's)")
     ap.add_argument("--work-dir", default=None, help="where models, runs and logs go (default: a temp dir)")
     ap.add_argument("--profile", action="store_true", help="profile alignkit in this process instead (tiny model)")
@@ -480,9 +486,12 @@ def main(argv=None) -> int:
     models = a.models.split(",")
     if a.profile:
         model_dir = prepare_model(models[0], work)
+        from alignkit import memory
         if a.glibc_malloc:
-            from alignkit import memory
             memory.return_freed_memory_to_os = lambda: False
+            memory.RL_MMAP_THRESHOLD = 0
+        if a.rl_mmap_threshold is not None:
+            memory.RL_MMAP_THRESHOLD = a.rl_mmap_threshold
         profile_alignkit(a.profile_config, models[0], model_dir, work, a.steps or 3, a.top, a.lengths == "fixed")
         return 0
     configs = a.configs.split(",") if a.configs else list(CONFIGS)
@@ -514,7 +523,7 @@ def main(argv=None) -> int:
         for _ in range(a.repeats):
             for c in configs:
                 r = run_config(c, model_dir, warmup, measured, work, a.threads, a.lengths == "fixed",
-                               a.glibc_malloc)
+                               a.glibc_malloc, a.rl_mmap_threshold)
                 runs[c].append(r)
                 brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                          if k in ("step_s", "tokens_per_step", "tokens_per_s", "gen_s", "ref_s", "update_s", "rss_mb",

@@ -1,4 +1,4 @@
-"""Give freed tensor memory back to the OS on glibc (Linux).
+"""glibc's malloc settings: give freed tensor memory back to the OS, or keep it for reuse (Linux).
 
 glibc serves large allocations with mmap (returned to the OS on free) only above a threshold
 that it *raises* each time such a block is freed, up to 32 MiB; after the first training step
@@ -6,7 +6,14 @@ most activation- and gradient-sized blocks therefore come from the heap and stay
 process after they are freed. Measured on the tiny benchmark model (defaults, 14 steps): peak
 RSS 748 -> 705 MB; the price is page faults on every large allocation, about 5-10% of tokens/s
 in those runs (noisy; an 8 MiB threshold kept the speed but saved only ~20 MB). Fixing the
-threshold keeps every block of 64 KiB or more on mmap.
+threshold keeps every block of 64 KiB or more on mmap; every CLI command starts that way.
+
+The RL loop (PPO/GRPO) pays far more for it: each decode step and each training pass allocates
+and frees many activation-sized blocks, and each one is a fresh mmap zero-filled page by page.
+On the embedded model a GRPO step took 16.5 s with the 64 KiB threshold and 11.6 s with glibc's
+own; so ``rl_loop`` calls :func:`keep_freed_memory_for_reuse` (a fixed 32 MiB threshold, glibc's
+dynamic ceiling, and a trim threshold of twice that), trading a few hundred MB of peak RSS for
+speed (benchmarks/README.md, bench_rl section, has the numbers).
 """
 
 from __future__ import annotations
@@ -15,16 +22,36 @@ import ctypes
 import ctypes.util
 import sys
 
-_M_MMAP_THRESHOLD = -3  # mallopt parameter numbers from glibc's malloc.h
+_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
 _THRESHOLD_BYTES = 64 * 1024
+# Blocks below this come from the heap and are reused. 32 MiB is the largest value glibc accepts
+# (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit), and where its dynamic threshold ends up after warm-up.
+# 0: leave the 64 KiB threshold in place for RL too.
+RL_MMAP_THRESHOLD = 32 * 2**20
 
 
-def return_freed_memory_to_os() -> bool:
-    """Fix glibc's mmap threshold at 64 KiB. Returns False where there is no glibc (nothing to do)."""
+def _mallopt(*settings: tuple[int, int]) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD_BYTES))
+        return all(bool(libc.mallopt(param, value)) for param, value in settings)
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
+
+
+def return_freed_memory_to_os() -> bool:
+    """Fix glibc's mmap threshold at 64 KiB. Returns False where there is no glibc (nothing to do)."""
+    return _mallopt((_M_MMAP_THRESHOLD, _THRESHOLD_BYTES))
+
+
+def keep_freed_memory_for_reuse(threshold: int | None = None) -> bool:
+    """Fix glibc's mmap threshold at ``threshold`` bytes (default :data:`RL_MMAP_THRESHOLD`) and its trim
+    threshold at twice that, so freed blocks below it stay in the heap for the next allocation instead
+    of going back to the OS (and being page-faulted in again). False where there is no glibc, or with
+    threshold 0 (nothing changed)."""
+    threshold = RL_MMAP_THRESHOLD if threshold is None else threshold
+    if threshold <= 0:
+        return False
+    return _mallopt((_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, 2 * threshold))
