@@ -259,8 +259,9 @@ class PipelineConfig(_Section):
     sft_data: list[str] | None = Field(None, description="optional SFT stage on these demonstrations first")
     judge: str = Field("rubric", description="the gold judge that labels the samples and judges the evaluation: "
                                              "'rubric' (alignkit.labeler) or 'module:function'")
-    methods: list[str] = Field(["ppo", "dpo", "cdpo", "ipo", "simpo"],
-                               description="methods to train: ppo, grpo and any DPO-family loss of `alignkit dpo`")
+    methods: list[str] | None = Field(None, description="methods to train: ppo, grpo and any DPO-family loss of "
+                                                        "`alignkit dpo` (default: ppo dpo cdpo ipo simpo; --quick: "
+                                                        "ppo dpo)")
     num_responses: int = Field(4, ge=2, le=9, description="K responses sampled per training prompt")
     max_new_tokens: int | None = Field(None, ge=1, description="response horizon (default 48, --quick 40)")
     temperature: float = Field(0.8, gt=0, description="sampling temperature for the preference data and PPO")

@@ -46,7 +46,7 @@ from ..train.online import make_pairs, write_jsonl
 RL_METHODS = ("ppo", "grpo")
 DPO_METHODS = tuple(k.value for k in LossKind)
 # (full, quick) defaults of the size settings left unset
-SIZES = {"num_train_prompts": (192, 48), "num_eval_prompts": (100, 40), "max_new_tokens": (48, 40),
+SIZES = {"methods": (["ppo", "dpo", "cdpo", "ipo", "simpo"], ["ppo", "dpo"]), "num_train_prompts": (192, 48), "num_eval_prompts": (100, 40), "max_new_tokens": (48, 40),
          "rm_steps": (40, 12), "rl_steps": (24, 6), "dpo_steps": (40, 12)}
 MAX_PROMPT_LENGTH = 128
 HELDOUT_FRACTION = 0.1
@@ -55,12 +55,13 @@ HELDOUT_FRACTION = 0.1
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
     """Fill the size settings the user left unset from the full or the --quick defaults; check methods."""
     fill = {k: v[1] if cfg.quick else v[0] for k, v in SIZES.items() if getattr(cfg, k) is None}
+    cfg = cfg.model_copy(update=fill)
     for m in cfg.methods:
         if m not in RL_METHODS + DPO_METHODS:
             raise InputError(f"unknown method {m!r}; known: {', '.join(RL_METHODS + DPO_METHODS)}", field="methods")
-    if not cfg.methods:
-        raise InputError("name at least one method", field="methods")
-    return cfg.model_copy(update=fill)
+    if not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
+        raise InputError("name each method once, at least one", field="methods")
+    return cfg
 
 
 def _shipped(name: str) -> str:
