@@ -58,7 +58,9 @@ class _LinearTokenLogProbs(torch.autograd.Function):
     """log p(target | hidden) = (h W^T + b)[target] − logsumexp(h W^T + b), chunked over rows.
 
     A second output (N,) bool, without gradient, says whether the target's logit is the row's
-    maximum (the target is the argmax; a tie counts as a hit).
+    maximum (the target is the argmax; a tie counts as a hit). A third, (N,) without gradient,
+    is the entropy of each row's softmax when ``with_entropy`` (else empty): −Σ p log p of the
+    softmax the forward computes anyway, one more elementwise pass instead of a second head.
 
     Backward: d logp_i / d z_ij = 1[j = target_i] − softmax(z_i)_j, with z = h W^T + b.
     When the (N, V) softmax fits in ``keep_bytes`` it is kept from the forward (backward: two
@@ -66,7 +68,8 @@ class _LinearTokenLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype, keep_bytes: int):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype, keep_bytes: int,
+                with_entropy: bool = False):
         # hidden (N, H); weight (V, H); bias (V,) or None; targets (N,) long
         acc = torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 models
         n_rows, vocab = targets.shape[0], weight.shape[0]
@@ -74,6 +77,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         out = hidden.new_empty(n_rows, dtype=acc)  # (N,)
         is_max = torch.empty(n_rows, dtype=torch.bool, device=hidden.device)  # (N,)
         lse = torch.empty_like(out)  # (N,)
+        entropy = torch.empty_like(out) if with_entropy else out.new_empty(0)  # (N,) or (0,)
         probs = hidden.new_empty((n_rows, vocab), dtype=acc) if keep else None  # (N, V) softmax
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
@@ -83,13 +87,15 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             lse[s:s + chunk], top = _softmax_(z)
             out[s:s + chunk] = picked - lse[s:s + chunk]
             is_max[s:s + chunk] = picked >= top
+            if with_entropy:  # z now holds softmax(z): H = −Σ p log p (entr(0) = 0)
+                entropy[s:s + chunk] = torch.special.entr(z).sum(dim=-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, probs)
         ctx.chunk, ctx.dtype = chunk, dtype
-        ctx.mark_non_differentiable(is_max)
-        return out, is_max
+        ctx.mark_non_differentiable(is_max, entropy)
+        return out, is_max, entropy
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_is_max):
+    def backward(ctx, grad_out, _grad_is_max, _grad_entropy):
         hidden, weight, bias, targets, lse, probs = ctx.saved_tensors
         chunk, dtype, acc = ctx.chunk, ctx.dtype, lse.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -119,7 +125,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         grad_h = torch.cat(grads_h) if need_h else None
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 # Keep the (N, V) softmax for backward when it is at most this large (~650 rows of a 49k vocabulary).
@@ -128,17 +134,23 @@ KEEP_SOFTMAX_BYTES = 128 * 2**20
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           targets: torch.Tensor, *, chunk: int | None = None,
-                          keep_bytes: int = KEEP_SOFTMAX_BYTES, return_is_argmax: bool = False):
+                          keep_bytes: int = KEEP_SOFTMAX_BYTES, return_is_argmax: bool = False,
+                          return_entropy: bool = False):
     """log-probs (N,) float32 of ``targets`` (N,) under logits ``hidden @ weight.T + bias``.
 
     hidden: (N, H); weight: (V, H). Memory beyond the inputs: one (chunk, V) block at a time, plus
-    the (N, V) softmax when it is at most ``keep_bytes`` (0: always recompute in backward).
+    the (N, V) softmax when it is at most ``keep_bytes`` (0: always recompute in backward) and a
+    backward will follow (not under no_grad, nor when no input needs a gradient).
     ``return_is_argmax``: also return (N,) bool, True where the target has the largest logit.
+    ``return_entropy``: also return (N,) the entropy of each row's softmax, without gradient.
+    Extra outputs come in that order: ``(logps, is_argmax, entropy)`` with both flags.
     """
     chunk = chunk or _chunk_rows(weight.shape[0])
-    out, is_max = _LinearTokenLogProbs.apply(hidden, weight, bias, targets, chunk, _compute_dtype(hidden),
-                                             keep_bytes)
-    return (out, is_max) if return_is_argmax else out
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    out, is_max, entropy = _LinearTokenLogProbs.apply(hidden, weight, bias, targets, chunk, _compute_dtype(hidden),
+                                                      keep_bytes if grads else 0, return_entropy)
+    extra = ([is_max] if return_is_argmax else []) + ([entropy] if return_entropy else [])
+    return (out, *extra) if extra else out
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:

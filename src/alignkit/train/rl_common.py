@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..models import add_lora, frozen_copy, load_causal_lm, reference_context
-from ..ops.logprobs import _causal_lm, _chunk_rows, linear_token_logprobs
+from ..ops.logprobs import _causal_lm, linear_token_logprobs
 from .loop import MetricsLog, _check_finite, _set_rng_state, list_checkpoints, save_checkpoint, stream_indices
 
 
@@ -56,7 +56,11 @@ class PolicyValue(nn.Module):
         self.policy, self.value_model, self.value_head = policy, value_model, value_head
         self.temperature = temperature
 
-    def forward(self, ids, mask, prompt_len: int, response_mask, with_entropy: bool = False):
+    def forward(self, ids, mask, prompt_len: int, response_mask, with_entropy: bool = False,
+                with_values: bool = True):
+        """(logp, values) or, ``with_entropy``, (logp, values, entropy): (B, T) each. ``with_values=False``
+        skips the value role (values is None): the reference pass needs only log-probs, and a separate
+        value model's backbone would cost a second forward."""
         backbone, head = _backbone_and_head(self.policy)
         hidden = _hidden(backbone, ids, mask)  # (B, L, H)
         states = hidden[:, prompt_len - 1:-1]  # (B, T, H): the state before each response token
@@ -64,12 +68,14 @@ class PolicyValue(nn.Module):
         rows, cols = response_mask.bool().nonzero(as_tuple=True)  # (N,)
         sel = states[rows, cols] / self.temperature  # (N, H): logits/τ = (h/τ)Wᵀ (+ b/τ)
         bias = None if head.bias is None else head.bias / self.temperature
-        logps = linear_token_logprobs(sel, head.weight, bias, targets[rows, cols])  # (N,)
+        # the entropy statistic comes from the softmax the log-prob op computes anyway (no second head pass)
+        out = linear_token_logprobs(sel, head.weight, bias, targets[rows, cols], return_entropy=with_entropy)
+        logps, ent = out if with_entropy else (out, None)  # (N,) each
         logp = torch.zeros(response_mask.shape, dtype=logps.dtype, device=ids.device).index_put((rows, cols), logps)
         values = None
-        if self.value_head is not None:
+        if with_values and self.value_head is not None:
             values = self.value_head(states).squeeze(-1).float()  # (B, T)
-        elif self.value_model is not None:
+        elif with_values and self.value_model is not None:
             from ..reward_model import _parts
 
             v_backbone, v_head = _parts(self.value_model)
@@ -78,21 +84,8 @@ class PolicyValue(nn.Module):
             values = values * response_mask
         if not with_entropy:
             return logp, values
-        with torch.no_grad():
-            ent = _entropy(sel.detach(), head.weight, bias)  # (N,)
         entropy = torch.zeros(response_mask.shape, dtype=ent.dtype, device=ids.device).index_put((rows, cols), ent)
         return logp, values, entropy
-
-
-@torch.no_grad()
-def _entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """H(softmax(hidden Wᵀ + b)) per row (N,), in chunks of rows so no (N, V) block is alive whole."""
-    out = []
-    for s in range(0, hidden.shape[0], _chunk_rows(weight.shape[0])):
-        z = nn.functional.linear(hidden[s:s + _chunk_rows(weight.shape[0])].to(weight.dtype), weight, bias).float()
-        logp = torch.log_softmax(z, dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out) if out else hidden.new_zeros(0)
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -161,7 +154,7 @@ def reference_logp(module: PolicyValue, reference, ids, mask, prompt_len, respon
     """log π_ref of the sampled tokens (R, T): adapters disabled under LoRA, else the frozen copy."""
     if reference is module.policy:
         with reference_context(module.policy):
-            return module(ids, mask, prompt_len, response_mask)[0].float()
+            return module(ids, mask, prompt_len, response_mask, with_values=False)[0].float()
     return PolicyValue(reference, temperature=module.temperature)(ids, mask, prompt_len, response_mask)[0].float()
 
 
