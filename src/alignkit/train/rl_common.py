@@ -213,7 +213,9 @@ def rl_loop(*, accelerator, module: PolicyValue, num_prompts: int, cfg, rollout_
     steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * num_prompts / b))
     updates = steps * rollout_cfg.ppo_epochs * math.ceil(responses / mb)
     params = trainable_parameters(module)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # the fused kernel, as train/loop.py: the per-tensor loop cost ~0.4 s of an embedded-model step
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates), num_training_steps=updates)
     ckpt_root = out_dir / "checkpoints"
