@@ -199,3 +199,144 @@ def test_a_larger_beta_keeps_ppo_closer_to_the_reference(the_model, prompts, the
     large = _run("ppo", the_model, prompts, the_judge, tmp_path / "large", *extra, "--kl-coef", "1.0")
     kl = lambda rows: sum(r["kl"] for r in rows[-4:]) / 4  # noqa: E731
     assert kl(large) < 0.5 * kl(small)
+
+
+# ----------------------------------------------------------------------------- the policy/value forward
+
+def _rollout_batch(vocab: int, seed: int = 0):
+    """(ids, mask, P, response_mask) of 4 rows: left-padded prompts of 3-5 tokens + responses of 2-6 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    p, t = 5, 6
+    ids = torch.randint(3, vocab, (4, p + t), generator=g)
+    mask = torch.ones_like(ids)
+    for row, (lp, lr) in enumerate([(5, 6), (3, 2), (4, 5), (5, 4)]):
+        mask[row, :p - lp] = 0
+        mask[row, p + lr:] = 0
+    ids = ids.masked_fill(mask == 0, 2)
+    return ids, mask, p, mask[:, p:].float()
+
+
+def _value_model(policy):
+    from transformers import LlamaForSequenceClassification
+
+    cfg = policy.config.to_dict()
+    cfg.update(num_labels=1)
+    torch.manual_seed(1)
+    return LlamaForSequenceClassification(type(policy.config).from_dict(cfg))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_from_the_log_prob_pass_equals_the_full_softmax(tokenizer, temperature):
+    """The entropy statistic now comes from the softmax the log-prob op keeps; it must equal
+    H(softmax(logits/τ)) of the model's full logits at every response token, and not change logp."""
+    from alignkit.train.rl_common import PolicyValue
+
+    policy = make_tiny_llama(len(tokenizer))
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(60.0)  # a peaked distribution: entropies well away from log V
+    ids, mask, p, rmask = _rollout_batch(len(tokenizer))
+    module = PolicyValue(policy, temperature=temperature)
+    logp, _, entropy = module(ids, mask, p, rmask, with_entropy=True)
+    logp_only, _ = module(ids, mask, p, rmask)
+    torch.testing.assert_close(logp, logp_only, rtol=0, atol=0)
+    with torch.no_grad():
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, p - 1:-1].double()
+        full = torch.log_softmax(logits / temperature, -1)  # (B, T, V)
+        expected = -(full.exp() * full).sum(-1) * rmask  # (B, T)
+        expected_logp = full.gather(2, ids[:, p:, None]).squeeze(2) * rmask
+    assert float(expected[rmask.bool()].min()) < 0.8 * math.log(len(tokenizer))  # the check is not near-trivial
+    torch.testing.assert_close(entropy.double() * rmask, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp.double(), expected_logp, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the no-grad path (no softmax kept for backward) gives the same
+        _, _, entropy_ng = module(ids, mask, p, rmask, with_entropy=True)
+    torch.testing.assert_close(entropy_ng, entropy, rtol=0, atol=0)
+
+
+def test_lora_reference_skips_the_value_models_backbone(tokenizer):
+    """Under LoRA the reference is the policy with adapters off: its log-probs must be the base model's,
+    and the separate value model must not run at all (it used to, and its values were thrown away)."""
+    from alignkit.models import add_lora
+    from alignkit.train.rl_common import PolicyValue, reference_logp
+
+    base = make_tiny_llama(len(tokenizer))
+    ids, mask, p, rmask = _rollout_batch(len(tokenizer))
+    with torch.no_grad():
+        expected = PolicyValue(base)(ids, mask, p, rmask)[0]
+    policy = add_lora(copy_model(base), r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # adapters that change the policy: the reference must not see them
+        for name, prm in policy.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.5)
+    value = _value_model(base)
+    calls = []
+    value.model.register_forward_hook(lambda *a: calls.append(1))
+    module = PolicyValue(policy, value_model=value)
+    ref = reference_logp(module, policy, ids, mask, p, rmask)
+    assert calls == []
+    torch.testing.assert_close(ref, expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        current = module(ids, mask, p, rmask)[0]
+    assert calls == [1]  # the hook does fire when values are asked for
+    assert (current - ref).abs().max() > 1e-2  # the adapters were really off in the reference pass
+
+
+def copy_model(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("value", ["separate", "shared"])
+def test_ppo_one_epoch_reusing_the_update_forward_equals_the_separate_old_pass(tokenizer, value):
+    """--ppo-epochs 1 with one mini-batch: π_old/V_old from the update's own forward (detached) give the
+    same loss, gradients, advantages and logged statistics as the no-grad pass they replace."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from alignkit import rl
+    from alignkit.config import PPOConfig, RolloutConfig
+    from alignkit.rollout.generate import generate
+    from alignkit.train.ppo import ppo_experience, ppo_minibatch_loss, reuses_update_forward
+    from alignkit.train.rl_common import PolicyValue
+
+    vocab = len(tokenizer)
+    policy = make_tiny_llama(vocab)
+    reference = make_tiny_llama(vocab, seed=5)
+    if value == "shared":
+        head = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
+        torch.nn.init.normal_(head.weight, std=0.5)  # non-zero values: GAE and the value clip are exercised
+        module = PolicyValue(policy, value_head=head)
+    else:
+        module = PolicyValue(policy, value_model=_value_model(policy))
+    rollout = RolloutConfig(ppo_epochs=1, mini_batch_size=4, max_new_tokens=6, kl_coef=0.1)
+    ppo = PPOConfig(vf_coef=0.5)
+    assert reuses_update_forward(rollout, 4) and not reuses_update_forward(rollout.model_copy(update={"ppo_epochs": 2}), 4)
+    prompts = [SimpleNamespace(ids=tokenizer(t, add_special_tokens=False)["input_ids"], text=t)
+               for t in ["Hello there", "What is the capital of France?", "Tell me a joke", "Why?"]]
+    roll = generate(policy, [q.ids for q in prompts], max_new_tokens=6, eos_token_id=[2, 7, 8, 9, 10],
+                    generator=torch.Generator().manual_seed(0))
+    assert 1 < int(roll.response_lengths.min()) or int(roll.response_lengths.max()) > 1
+    scores = torch.tensor([0.3, -1.0, 2.0, 0.5])
+    kw = dict(module=module, reference=reference, prompts=prompts, judge=lambda ps, rs: scores.clone(),
+              gen=lambda m, ids: roll, tokenizer=tokenizer, kl_ctl=rl.FixedKLController(0.1), rollout=rollout, ppo=ppo,
+              accelerator=SimpleNamespace(autocast=nullcontext))
+    rows = torch.tensor([2, 0, 3, 1])
+    results = []
+    for reuse in (False, True):
+        exp = ppo_experience([0, 1, 2, 3], reuse_forward=reuse, **kw)
+        assert (exp.old_logp is None) == reuse
+        module.train()
+        module.zero_grad(set_to_none=True)
+        loss, stats = ppo_minibatch_loss(module, exp, rows, rollout=rollout, ppo=ppo, kl_ctl=kw["kl_ctl"])
+        loss.backward()
+        grads = {k: prm.grad.clone() for k, prm in module.named_parameters() if prm.grad is not None}
+        results.append((loss.detach(), stats, dict(exp.stats), grads))
+    (l0, s0, e0, g0), (l1, s1, e1, g1) = results
+    assert float(l0) != 0 and s0["value/loss"] > 0
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert s1 == pytest.approx(s0, rel=1e-4, abs=1e-6)
+    assert e1 == pytest.approx(e0, rel=1e-5, abs=1e-6) and set(e1) == set(e0)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -13,7 +13,8 @@ One iteration (a "step" of ``--max-steps``) of ``--batch-size`` prompts per proc
 
 1. rollout: sample one response per prompt with the KV cache (``rollout.generate``);
 2. score: the judge's score r(x, y) (+ ``--missing-eos-penalty`` at the horizon, ``--reward-clip``);
-3. no-grad pass: log π_old, V_old, entropy, and log π_ref;
+3. no-grad pass: log π_old, V_old, entropy, and log π_ref (with ``--ppo-epochs 1`` and one mini-batch,
+   π_old and V_old are the update's own forward, detached, and steps 4-5 run there: no extra pass);
 4. per-token reward (InstructGPT Eq. 2): −β·KL_t at every response token + r(x, y) at the last one;
 5. GAE(γ, λ) advantages and returns; advantages whitened;
 6. ``--ppo-epochs`` passes over shuffled mini-batches of ``--mini-batch-size`` responses:
@@ -111,37 +112,73 @@ def _build_value(model_cfg: ModelConfig, ppo: PPOConfig, rollout: RolloutConfig,
     return value, None
 
 
+def reuses_update_forward(rollout: RolloutConfig, responses: int) -> bool:
+    """True when each rollout batch is used for ONE optimizer step (``--ppo-epochs 1``, one mini-batch):
+    then π_old and V_old are the current policy and values, so the update's own forward, detached,
+    gives them (ratio 1, value clip around itself) and the no-grad pass before it is skipped."""
+    return rollout.ppo_epochs == 1 and rollout.mini_batch_size >= responses
+
+
+def ppo_advantages(old_logp, values, ref_logp, scores, rmask, *, beta: float, rollout: RolloutConfig, ppo: PPOConfig):
+    """Steps 4-5 of the module docstring: (kl (B, T), advantages (B, T), returns (B, T)), all without gradient."""
+    kl = rl.kl_penalty(old_logp, ref_logp, kind=rollout.kl_estimator) * rmask  # (B, T)
+    rewards = rl.token_rewards(scores, kl, rmask, beta=beta)  # −β·KL_t + r at the last token
+    advantages, returns = adv_ops.gae(rewards, values, rmask, gamma=ppo.gamma, lam=ppo.lam)
+    if ppo.whiten_advantages:
+        advantages = adv_ops.whiten(advantages, rmask)
+    return kl, advantages, returns
+
+
 def ppo_experience(idx: list[int], *, module: PolicyValue, reference, prompts, judge, gen, tokenizer, kl_ctl,
-                   rollout: RolloutConfig, ppo: PPOConfig, accelerator) -> Experience:
-    """Steps 1-5 of the module docstring for the prompts ``idx``."""
+                   rollout: RolloutConfig, ppo: PPOConfig, accelerator, reuse_forward: bool | None = None) -> Experience:
+    """Steps 1-5 of the module docstring for the prompts ``idx``. With ``reuse_forward`` (default:
+    :func:`reuses_update_forward`) steps 3-5 but the reference pass are left to the update's forward
+    (:func:`ppo_minibatch_loss`): ``old_logp`` and ``advantages`` are None until then."""
     t0 = time.perf_counter()
     with accelerator.autocast():
         roll = gen(module.policy, [prompts[i].ids for i in idx])
     seconds = time.perf_counter() - t0
     scores = judge_scores(judge, [prompts[i].text for i in idx], roll.texts(tokenizer), roll.ended_with_eos, rollout)
     ids, mask, p, rmask = roll.full_ids(), roll.full_mask(), roll.prompt_ids.shape[1], roll.response_mask.float()
+    reuse = reuses_update_forward(rollout, len(idx)) if reuse_forward is None else reuse_forward
     module.eval()
     with torch.no_grad(), accelerator.autocast():
+        ref_logp = reference_logp(module, reference, ids, mask, p, rmask).float()
+        if reuse:
+            return Experience(ids, mask, p, rmask, None, None, {"ref_logp": ref_logp, "scores": scores,
+                                                                "ended": roll.ended_with_eos}, {}, seconds)
         old_logp, values, entropy = module(ids, mask, p, rmask, with_entropy=True)
-        ref_logp = reference_logp(module, reference, ids, mask, p, rmask)
     old_logp, values = old_logp.float(), values.float()
-    kl = rl.kl_penalty(old_logp, ref_logp, kind=rollout.kl_estimator) * rmask  # (B, T)
-    rewards = rl.token_rewards(scores, kl, rmask, beta=kl_ctl.value)  # −β·KL_t + r at the last token
-    advantages, returns = adv_ops.gae(rewards, values, rmask, gamma=ppo.gamma, lam=ppo.lam)
-    if ppo.whiten_advantages:
-        advantages = adv_ops.whiten(advantages, rmask)
+    kl, advantages, returns = ppo_advantages(old_logp, values, ref_logp, scores, rmask, beta=kl_ctl.value,
+                                             rollout=rollout, ppo=ppo)
     stats = rollout_stats(scores, kl.sum(1), entropy.float(), rmask, roll.ended_with_eos)
     return Experience(ids, mask, p, rmask, old_logp, advantages, {"returns": returns, "values": values}, stats, seconds)
 
 
 def ppo_minibatch_loss(module: PolicyValue, exp: Experience, rows: torch.Tensor, *, rollout: RolloutConfig,
-                       ppo: PPOConfig, ptx=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate + vf_coef × clipped value loss (+ ptx_coef × LM loss) on mini-batch ``rows``."""
+                       ppo: PPOConfig, ptx=None, kl_ctl=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate + vf_coef × clipped value loss (+ ptx_coef × LM loss) on mini-batch ``rows``.
+
+    An experience whose ``old_logp`` is None (``reuse_forward``; ``rows`` is then the whole batch):
+    this forward, detached, is π_old and V_old; the KL penalty (β from ``kl_ctl``), GAE advantages,
+    returns and the rollout statistics are computed here, as ``ppo_experience`` would have."""
     m = exp.response_mask[rows]
-    logp, values = module(exp.ids[rows], exp.mask[rows], exp.prompt_len, m)
-    pg, pstats = rl.ppo_policy_loss(logp.float(), exp.old_logp[rows], exp.advantages[rows], m, clip_eps=rollout.clip_eps)
-    vf, vclip = rl.ppo_value_loss(values.float(), exp.extra["values"][rows], exp.extra["returns"][rows], m,
-                                  clip_value=ppo.clip_value)
+    if exp.old_logp is None:
+        logp, values, entropy = module(exp.ids[rows], exp.mask[rows], exp.prompt_len, m, with_entropy=True)
+        logp, values = logp.float(), values.float()
+        old_logp, old_values = logp.detach(), values.detach()
+        kl, advantages, returns = ppo_advantages(old_logp, old_values, exp.extra["ref_logp"][rows],
+                                                 exp.extra["scores"][rows], m, beta=kl_ctl.value, rollout=rollout,
+                                                 ppo=ppo)
+        exp.stats.update(rollout_stats(exp.extra["scores"][rows], kl.sum(1), entropy.float(), m,
+                                       exp.extra["ended"][rows]))
+    else:
+        logp, values = module(exp.ids[rows], exp.mask[rows], exp.prompt_len, m)
+        logp, values = logp.float(), values.float()
+        old_logp, old_values = exp.old_logp[rows], exp.extra["values"][rows]
+        advantages, returns = exp.advantages[rows], exp.extra["returns"][rows]
+    pg, pstats = rl.ppo_policy_loss(logp, old_logp, advantages, m, clip_eps=rollout.clip_eps)
+    vf, vclip = rl.ppo_value_loss(values, old_values, returns, m, clip_value=ppo.clip_value)
     loss = pg + ppo.vf_coef * vf
     stats = {"policy/loss": float(pg.detach()), "value/loss": float(vf.detach()), "value/clipfrac": float(vclip),
              **{f"policy/{k}": float(v) for k, v in pstats.items()}}
@@ -181,7 +218,7 @@ def run_ppo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, rollou
                    tokenizer=tokenizer, kl_ctl=kl_ctl, rollout=rollout, ppo=ppo, accelerator=accelerator)
     rl_loop(accelerator=accelerator, module=module, num_prompts=len(prompts), cfg=train_cfg, rollout_cfg=rollout,
             out_dir=out_dir, make_experience=make, kl_ctl=kl_ctl, desc="ppo",
-            minibatch_loss=partial(ppo_minibatch_loss, rollout=rollout, ppo=ppo, ptx=ptx))
+            minibatch_loss=partial(ppo_minibatch_loss, rollout=rollout, ppo=ppo, ptx=ptx, kl_ctl=kl_ctl))
 
     def save(_):
         save_model(policy, tokenizer, out_dir, merge_lora=model.merge)

@@ -108,8 +108,8 @@ class Experience:
     mask: torch.Tensor                # (R, P+T)
     prompt_len: int                   # P
     response_mask: torch.Tensor       # (R, T) float, 1 on response tokens (EOS included)
-    old_logp: torch.Tensor            # (R, T) log π_old of the sampled tokens
-    advantages: torch.Tensor          # (R, T)
+    old_logp: torch.Tensor | None     # (R, T) log π_old of the sampled tokens; None: the loss pass computes
+    advantages: torch.Tensor | None   # (R, T)   them from its own forward (PPO, one epoch of one mini-batch)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # recipe-specific: returns, old values, ref log-probs
     stats: dict[str, float] = field(default_factory=dict)         # logged once per step
     rollout_seconds: float = 0.0
