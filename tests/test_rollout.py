@@ -451,3 +451,18 @@ def test_inverse_cdf_sampler_matches_the_softmax_and_never_picks_a_filtered_toke
     p = torch.softmax(logits[0].double(), -1)
     assert freq[3] == 0
     assert torch.all((freq - p).abs() <= 5 * (p * (1 - p) / len(draws)).sqrt() + 1e-12), (freq, p)
+
+
+def test_sampler_falls_back_when_the_scaled_draw_rounds_up_to_the_total(monkeypatch):
+    """u * total == total (a uniform draw that rounded up; forced here with u = 1) makes searchsorted
+    answer V; the sampler then gives the last token with probability > 0, never a zero-probability
+    tail token nor an out-of-range id. Rows whose draw is ordinary are untouched."""
+    import importlib
+
+    gen_mod = importlib.import_module("alignkit.rollout.generate")  # the module; the package re-exports the function
+    weights = torch.tensor([[1.0, 2.0, 0.0, 0.0], [1.0, 0.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    draws = torch.tensor([[1.0], [0.1], [1.0]])
+    monkeypatch.setattr(gen_mod.torch, "rand", lambda *a, **k: draws.clone())
+    assert gen_mod._sample_weights(weights.clone(), None).tolist() == [1, 0, 3]
+    monkeypatch.setattr(gen_mod.torch, "rand", lambda *a, **k: torch.full((3, 1), 0.5))
+    assert gen_mod._sample_weights(weights.clone(), None).tolist() == [1, 2, 2]

@@ -6,7 +6,11 @@ One call of :func:`generate`:
 
 1. left-pads the prompts into one (B, P) batch; positions come from the mask (``cumsum - 1``), so
    a padded prompt sees exactly the positions it would see alone;
-2. runs the prompt once (prefill) into a ``DynamicCache``, then feeds one new token per step;
+2. runs the prompt once (prefill) into a KV cache, then feeds one new token per step. The cache is
+   a ``StaticCache`` of P + ``max_new_tokens`` positions, allocated once and written in place, with
+   one (B, P + max_new_tokens) mask whose future columns are 0 (models that cannot use a static
+   cache get a ``DynamicCache``, grown by concatenation: 7 800 ``cat`` calls, 0.43 s, per 64-token
+   step of the embedded model, plus a growing mask);
 3. per step: logits / temperature -> top-k -> top-p (HF's warper order) -> sample (or argmax);
 4. a row that samples EOS is finished: the EOS is kept as its last real token, every later
    position is ``pad_token_id`` with mask 0 and log-prob 0; the loop ends when all rows are
@@ -117,9 +121,13 @@ def _sample_weights(weights: torch.Tensor, generator: torch.Generator | None) ->
     total = cdf[:, -1:]  # (B, 1)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
     token = torch.searchsorted(cdf, u * total, right=True).squeeze(1)  # (B,)
-    # u * total rounds up to total once in ~1e7 draws: fall back to the last token with probability > 0
-    last = (cdf < total).sum(-1)  # (B,) index of the first cumulative sum equal to the total
-    return torch.minimum(token, last)
+    # u * total rounds up to total once in ~1e7 draws; no cumulative sum exceeds the total, so that is
+    # exactly when searchsorted answers V. Only then: fall back to the last token with probability > 0
+    # (a vocabulary-sized pass, skipped on every other step)
+    if bool((token == cdf.shape[-1]).any()):
+        last = (cdf < total).sum(-1)  # (B,) index of the first cumulative sum equal to the total
+        token = torch.minimum(token, last)
+    return token
 
 
 def _check_args(prompt_ids, max_new_tokens: int, temperature: float, top_p: float, top_k: int, vocab: int) -> None:
@@ -165,6 +173,19 @@ def _forward(model, ids, mask, positions, cache, keep_last: bool) -> torch.Tenso
     return out.logits[:, -1].float()
 
 
+def _new_cache(model, length: int):
+    """(cache, static): a StaticCache of ``length`` positions where the model supports one, else a DynamicCache."""
+    from transformers import DynamicCache, StaticCache
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner, "_can_compile_fullgraph", False):  # transformers' flag for static-cache-capable models
+        try:
+            return StaticCache(config=inner.config, max_cache_len=length), True
+        except (TypeError, ValueError, AttributeError, KeyError):
+            pass
+    return DynamicCache(), False
+
+
 def _accepts_logits_to_keep(model) -> bool:
     import inspect
 
@@ -188,8 +209,6 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     so any valid id works). generator: a torch.Generator on the model's device; the same seed gives
     the same samples. The model is put in eval mode and its train/eval mode is restored after.
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     _check_args(prompt_ids, max_new_tokens, temperature, top_p, top_k, vocab)
@@ -202,8 +221,13 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     was_training = model.training
     model.eval()
     try:
-        cache = DynamicCache()
-        mask = prompt_mask
+        width = prompt.shape[1]  # P
+        cache, static = _new_cache(model, width + max_new_tokens)
+        # (B, P + max_new_tokens): column P + t is filled when the token of step t is fed; later ones stay 0
+        mask_buf = torch.zeros((batch, width + max_new_tokens), dtype=torch.long, device=device)
+        mask_buf[:, :width] = prompt_mask
+        # a static cache attends over all its positions (the unfilled ones masked); a dynamic one over those so far
+        mask = mask_buf if static else prompt_mask
         positions = _positions(prompt_mask)  # (B, P)
         logits = _forward(model, prompt, mask, positions, cache, _accepts_logits_to_keep(model))  # (B, V)
         next_pos = positions[:, -1:] + 1  # (B, 1) each row continues from its own prompt length
@@ -236,7 +260,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             # finished rows keep feeding pad tokens (mask 0); their outputs are never read
-            mask = torch.cat([mask, real.long()[:, None]], dim=1)  # (B, L+1)
+            mask_buf[:, width + step] = real.long()
+            mask = mask_buf if static else mask_buf[:, :width + step + 1]  # (B, L+1) so far
             logits = _forward(model, token[:, None], mask, next_pos, cache, False)
             next_pos = next_pos + 1
     finally:
