@@ -132,11 +132,12 @@ def run_child(cmd: list[str], env: dict, log_file: Path) -> tuple[int, float, st
 
 
 def run_config(name: str, model_dir: Path, warmup: int, measured: int, work: Path, threads: int | None,
-               fixed: bool, glibc_malloc: bool = False, rl_mmap_threshold: int | None = None) -> dict:
+               fixed: bool, glibc_malloc: bool = False, rl_mmap_threshold: int | None = None,
+               precision: str = "fp32") -> dict:
     lib = CONFIGS[name][0]
     tag = f"{model_dir.parent.name if model_dir.name == 'hf' else model_dir.name}-{name}"
     spec = {"name": name, "model": str(model_dir), "warmup": warmup, "measured": measured, "fixed": fixed,
-            "glibc_malloc": glibc_malloc, "rl_mmap_threshold": rl_mmap_threshold,
+            "glibc_malloc": glibc_malloc, "rl_mmap_threshold": rl_mmap_threshold, "precision": precision,
             "out": str(work / f"run-{tag}")}
     result = work / f"{tag}.json"
     result.unlink(missing_ok=True)
@@ -171,14 +172,14 @@ def summarise(steps: list[dict], warmup: int) -> dict:
 
 # ------------------------------------------------------------------ alignkit child
 
-def alignkit_argv(name: str, model: str, out: str, steps: int) -> list[str]:
+def alignkit_argv(name: str, model: str, out: str, steps: int, precision: str = "fp32") -> list[str]:
     _, recipe, lora, value = CONFIGS[name]
     argv = [recipe, "--model", model, "--data", str(DATA), "--output-dir", out,
             "--reward-model", f"{Path(__file__).resolve()}:reward",
             "--max-new-tokens", str(MAX_NEW_TOKENS), "--temperature", str(TEMPERATURE), "--top-p", "1.0", "--top-k", "0",
             "--lr", str(LR), "--kl-coef", str(BETA), "--kl-estimator", "k3", "--ppo-epochs", "1",
             "--mini-batch-size", str(ROLLOUTS), "--max-steps", str(steps), "--seed", str(SEED),
-            "--precision", "fp32", "--no-gradient-checkpointing", "--log-every", "1", "--no-progress", "--overwrite"]
+            "--precision", precision, "--no-gradient-checkpointing", "--log-every", "1", "--no-progress", "--overwrite"]
     if recipe == "grpo":
         argv += ["--batch-size", str(ROLLOUTS // GENERATIONS), "--num-generations", str(GENERATIONS)]
     else:
@@ -255,7 +256,7 @@ def alignkit_child(spec: dict, result_path: str) -> None:
 
     steps = spec["warmup"] + spec["measured"]
     rec = instrument_alignkit(fixed=spec["fixed"])
-    rc = cli.main(alignkit_argv(spec["name"], spec["model"], spec["out"], steps))
+    rc = cli.main(alignkit_argv(spec["name"], spec["model"], spec["out"], steps, spec.get("precision", "fp32")))
     if rc != 0:
         sys.exit(rc)
     ends = rec["starts"][1:] + [rec["end"]]
@@ -292,7 +293,7 @@ def trl_child(spec: dict, result_path: str) -> None:
         output_dir=spec["out"], max_steps=steps, per_device_train_batch_size=ROLLOUTS, num_generations=GENERATIONS,
         max_completion_length=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, top_k=0, learning_rate=LR,
         lr_scheduler_type="cosine", warmup_steps=int(0.1 * steps), max_grad_norm=1.0, beta=BETA, num_iterations=1,
-        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, logging_steps=1, report_to="none",
+        gradient_checkpointing=False, bf16=spec.get("precision") == "bf16", fp16=False, use_cpu=True, logging_steps=1, report_to="none",
         save_strategy="no", seed=SEED, disable_tqdm=True, dataloader_num_workers=0,
         generation_kwargs={"min_new_tokens": MAX_NEW_TOKENS} if spec["fixed"] else None)
 
@@ -474,6 +475,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rl-mmap-threshold", type=int, default=None,
                     help="diagnostic: the glibc mmap threshold in bytes rl_loop sets (alignkit.memory."
                          "RL_MMAP_THRESHOLD; 0 keeps the CLI's 64 KiB, as before it was added)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: alignkit --precision bf16 and TRL bf16=True (autocast in both, fp32 weights)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: torch's)")
     ap.add_argument("--work-dir", default=None, help="where models, runs and logs go (default: a temp dir)")
     ap.add_argument("--profile", action="store_true", help="profile alignkit in this process instead (tiny model)")
@@ -523,7 +526,7 @@ def main(argv=None) -> int:
         for _ in range(a.repeats):
             for c in configs:
                 r = run_config(c, model_dir, warmup, measured, work, a.threads, a.lengths == "fixed",
-                               a.glibc_malloc, a.rl_mmap_threshold)
+                               a.glibc_malloc, a.rl_mmap_threshold, a.precision)
                 runs[c].append(r)
                 brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                          if k in ("step_s", "tokens_per_step", "tokens_per_s", "gen_s", "ref_s", "update_s", "rss_mb",
@@ -539,7 +542,7 @@ def main(argv=None) -> int:
           "time; speed vs TRL = tokens/s ratio against TRL GRPO of the same kind (full or LoRA); peak RSS of a fresh "
           "process per run; CPU/wall = the run's CPU seconds per wall second (~1.8-1.9 with 2 threads on 2 idle cores, "
           "lower = the run shared the cores with something else)")
-    print(f"\nresponse lengths: {a.lengths}")
+    print(f"\nresponse lengths: {a.lengths}; precision: {a.precision}")
     for t in tables:
         print_table(*t)
     return 0
