@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine (README):
-#   make demo   - DPO with LoRA on the embedded SmolLM2-135M-Instruct and the bundled preference data
+#   make demo   - the whole pipeline on the embedded SmolLM2-135M-Instruct: sample, label, reward model,
+#                 PPO, DPO/cDPO/IPO/SimPO, evaluation against the SFT start, report (runs/demo/report.md)
 #   make test   - the full test suite
 # Both create .venv at the repo root themselves.
 
@@ -8,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.alignkit-installed
 PYTHON ?= python3
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-quick demo-dpo test bench clean
 
 venv: $(STAMP)
 
@@ -23,6 +24,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/alignkit demo --output-dir runs/demo
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/alignkit demo --quick --output-dir runs/demo-quick
+
+# DPO alone on the hand-written preference data
+demo-dpo: $(STAMP)
 	$(VENV)/bin/alignkit dpo --config configs/demo_dpo.yaml
 
 # the labeling app's browser test drives Debian's Chromium with Playwright (no browser download)

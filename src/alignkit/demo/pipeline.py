@@ -25,6 +25,7 @@ time went.
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import time
@@ -86,6 +87,7 @@ class Stages:
         start = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
         record = fn(folder)
+        gc.collect()  # the stage's models (and their accelerator's references) go before the next stage loads
         record["seconds"] = round(time.perf_counter() - start, 1)
         self.seconds[name] = record["seconds"]
         marker.write_text(json.dumps(record, indent=2))
