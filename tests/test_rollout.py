@@ -89,6 +89,19 @@ def test_kv_cache_greedy_matches_full_reforward(policy, prompt_ids):
     assert r.response_lengths.tolist() == [8, 8, 8]
 
 
+def test_generation_under_bf16_autocast(policy, prompt_ids):
+    """--precision bf16 samples under autocast: the KV cache must take the keys' changing dtype (a
+    StaticCache typed by the prefill refused the decoding steps' bf16 keys), and greedy decoding under
+    autocast equals the no-cache decoder run under the same autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _greedy_without_cache(policy, prompt_ids, 6, pad=0)
+        r = generate(policy, prompt_ids, max_new_tokens=6, eos_token_id=_unused_id(ref), pad_token_id=0, greedy=True)
+        sampled = generate(policy, prompt_ids, max_new_tokens=6, temperature=1.0, eos_token_id=_unused_id(ref),
+                           pad_token_id=0)
+    assert torch.equal(r.response_ids, ref)
+    assert sampled.logprobs.dtype == torch.float32 and torch.isfinite(sampled.logprobs).all()
+
+
 def _tiny_gpt2(vocab: int):
     """Learned ABSOLUTE positions: unlike RoPE (relative, so a constant shift of positions changes
     nothing), a wrong position for a left-padded row changes its output here."""

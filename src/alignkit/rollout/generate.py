@@ -178,7 +178,10 @@ def _new_cache(model, length: int):
     from transformers import DynamicCache, StaticCache
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(inner, "_can_compile_fullgraph", False):  # transformers' flag for static-cache-capable models
+    # Under autocast the keys' dtype differs between the prefill and the decoding steps (fp32 after
+    # RoPE, bf16 otherwise) and a StaticCache, typed by its first write, refuses the second: concatenate.
+    autocast = any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available())
+    if getattr(inner, "_can_compile_fullgraph", False) and not autocast:  # transformers' static-cache flag
         try:
             return StaticCache(config=inner.config, max_cache_len=length), True
         except (TypeError, ValueError, AttributeError, KeyError):
