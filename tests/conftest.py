@@ -12,6 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist (-n 2 on 2 cores) each worker gets one intra-op thread: two workers with two
+# OpenMP threads each oversubscribe the cores, and spinning OpenMP threads then slow both several-fold.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the alignkit processes that tests start
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

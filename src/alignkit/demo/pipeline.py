@@ -8,7 +8,7 @@ rerun skips what is finished; ``--overwrite`` recomputes everything):
 1. ``sample/``   K responses per training prompt from the SFT model (temperature ``--temperature``).
 2. ``data/``     the gold judge (the rubric labeler by default) labels and ranks them: K-wise rows with
                  the labeler's table (``ranked_train.jsonl``, 10% held out as ``ranked_heldout.jsonl``)
-                 and every untied pair for DPO (``pairs.jsonl``).
+                 and preference pairs for DPO (``pairs.jsonl``: best vs worst, or ``--pairs all``).
 3. ``rm/``       the reward model learns to imitate the labeler (Bradley-Terry over the C(K,2) pairs);
                  its held-out pairwise accuracy is reported.
 4. ``ppo/`` (``grpo/``)  RLHF against the reward model with the KL penalty to the SFT model.
@@ -36,7 +36,7 @@ from typing import Callable
 from ..config import PipelineConfig, SamplingConfig, build_config
 from ..data.prompts import PromptItem, load_prompts
 from ..errors import InputError
-from ..eval.run import generate, judge_responses, judge_spec, model_summary, rubric_tables, \
+from ..eval.run import Responses, generate, judge_responses, judge_spec, model_summary, rubric_tables, \
     sequence_log_ratio
 from ..eval.stats import win_rate
 from ..losses import LossKind
@@ -47,9 +47,11 @@ from ..train.online import make_pairs, write_jsonl
 RL_METHODS = ("ppo", "grpo")
 DPO_METHODS = tuple(k.value for k in LossKind)
 # (full, quick) defaults of the size settings left unset
-SIZES = {"methods": (["ppo", "dpo", "cdpo", "ipo", "simpo"], ["ppo", "dpo"]), "num_train_prompts": (192, 48), "num_eval_prompts": (100, 40), "max_new_tokens": (48, 40),
-         "rm_steps": (40, 12), "rl_steps": (24, 6), "dpo_steps": (40, 12)}
+SIZES = {"methods": (["ppo", "dpo", "cdpo", "ipo", "simpo"], ["ppo", "dpo"]), "num_train_prompts": (160, 48),
+         "num_eval_prompts": (100, 40), "max_new_tokens": (40, 40),
+         "rm_steps": (28, 12), "rl_steps": (20, 6), "dpo_steps": (32, 12)}
 MAX_PROMPT_LENGTH = 128
+KL_PROMPTS = 40  # the KL to the SFT model is estimated on the first 40 held-out responses
 HELDOUT_FRACTION = 0.1
 
 
@@ -123,7 +125,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             "merge": True}))})
         start = str(out / "sft")
     stages.run("sample", lambda d: _sample(d, start, tokenizer, train_prompts, cfg))
-    labelled = stages.run("data", lambda d: _label(d, out / "sample" / "responses.jsonl", judge, cfg.seed))
+    labelled = stages.run("data", lambda d: _label(d, out / "sample" / "responses.jsonl", judge, cfg.seed, cfg.pairs))
     rm = stages.run("rm", lambda d: _reward_model(d, start, out / "data", cfg, common))
     for method in cfg.methods:
         stages.run(method, lambda d, m=method: _method(d, m, start, out, cfg, common))
@@ -161,9 +163,10 @@ def _sample(folder: Path, model_path: str, tokenizer, prompts: list[PromptItem],
     return {"prompts": len(prompts), "responses": sum(len(r) for r in resp.texts)}
 
 
-def _label(folder: Path, samples: Path, judge, seed: int) -> dict:
+def _label(folder: Path, samples: Path, judge, seed: int, how: str) -> dict:
     """The gold judge labels every sample: K-wise rows (with the labeler's table when it is the rubric)
-    for the reward model, split 90/10 for its held-out accuracy, and every untied pair for DPO."""
+    for the reward model, split 90/10 for its held-out accuracy, and pairs for DPO (``how``: best vs worst
+    of each prompt, or every untied pair)."""
     rows = [json.loads(x) for x in samples.read_text().splitlines()]
     rubric = getattr(judge, "spec", None) == judge_spec("rubric")
     if rubric:
@@ -178,7 +181,7 @@ def _label(folder: Path, samples: Path, judge, seed: int) -> dict:
         if rubric:
             entry["rubric"] = [labeler.label(prompt, r) for r in responses]
         ranked.append(entry)
-        pairs += make_pairs(prompt, responses, scores, "all")
+        pairs += make_pairs(prompt, responses, scores, how)
     if len(ranked) < 2:
         raise InputError(f"the judge tied every prompt's samples ({len(rows)} prompts); nothing to learn",
                          file=str(samples), field="judge")
@@ -214,7 +217,7 @@ def _method(folder: Path, method: str, start: str, out: Path, cfg: PipelineConfi
         values = {**base, "data": [str(out / "sample" / "prompts.jsonl")], "reward_model": str(out / "rm"),
                   "max_steps": cfg.rl_steps, "lr": cfg.rl_lr, "max_new_tokens": cfg.max_new_tokens,
                   "temperature": cfg.temperature, "kl_coef": cfg.kl_coef, "log_every": 1}
-        values.update({"batch_size": 8, "ppo_epochs": 2, "mini_batch_size": 8} if method == "ppo"
+        values.update({"batch_size": 8, "ppo_epochs": 1, "mini_batch_size": 8} if method == "ppo"
                       else {"batch_size": 2, "num_generations": 4})
     else:
         values = {**base, "data": [str(out / "data" / "pairs.jsonl")], "loss": method, "max_steps": cfg.dpo_steps,
@@ -238,13 +241,16 @@ def _evaluate(folder: Path, name: str, start: str, out: Path, tokenizer, prompts
         ratio = [[0.0] for _ in prompts]
     else:
         reference = load_causal_lm(start).eval()
-        ratio = sequence_log_ratio(model, reference, prompts, resp, tokenizer.pad_token_id)
+        k = KL_PROMPTS if len(prompts) > KL_PROMPTS else len(prompts)  # fp32 forwards of two models: the costly part
+        sub = Responses(resp.texts[:k], resp.ids[:k], resp.ended[:k])
+        ratio = sequence_log_ratio(model, reference, prompts[:k], sub, tokenizer.pad_token_id, batch_size=20)
         del reference
     del model
     scores = judge_responses(judge, prompts, resp)
     tables = rubric_tables(prompts, resp) if judge_spec(cfg.judge) == judge_spec("rubric") else None
+    kls = ratio + [None] * (len(prompts) - len(ratio))
     write_jsonl(folder / "responses.jsonl", [{"prompt": p.text, **row, "scores": s, "kl": k}
-                                             for p, row, s, k in zip(prompts, resp.to_rows(), scores, ratio)])
+                                             for p, row, s, k in zip(prompts, resp.to_rows(), scores, kls)])
     if tables is not None:
         write_jsonl(folder / "labels.jsonl", [{"prompt": p.text, "labels": t} for p, t in zip(prompts, tables)])
     record = {"name": name, "model": model_path, **model_summary(resp, scores, ratio, tables)}

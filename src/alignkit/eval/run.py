@@ -131,8 +131,8 @@ def model_summary(responses: Responses, scores: list[list[float]], log_ratio: li
     out = {"score": sum(flat(scores)) / n,
            "length": sum(len(r) for r in flat(responses.ids)) / n,
            "eos_rate": sum(flat(responses.ended)) / n}
-    if log_ratio is not None:
-        out["kl"] = sum(flat(log_ratio)) / n
+    if log_ratio is not None:  # may cover only the first prompts (a cheaper estimate)
+        out["kl"] = sum(flat(log_ratio)) / max(1, len(flat(log_ratio)))
     if tables is not None:
         out["constraint_rate"] = sum(t["satisfies_constraint"] for t in flat(tables)) / n
         out["rubric_overall"] = sum(t["overall"] for t in flat(tables)) / n
