@@ -107,14 +107,10 @@ def sequence_log_ratio(policy, reference, prompts: list[PromptItem], responses: 
 
 
 def judge_responses(judge, prompts: list[PromptItem], responses: Responses) -> list[list[float]]:
-    flat_p = [p.text for p, rs in zip(prompts, responses.texts) for _ in rs]
-    flat_r = [r for rs in responses.texts for r in rs]
-    scores = judge(flat_p, flat_r).tolist() if flat_r else []
-    out, i = [], 0
-    for rs in responses.texts:
-        out.append(scores[i:i + len(rs)])
-        i += len(rs)
-    return out
+    """The judge's score of every response, per prompt (``train.online.judge_all`` on the texts)."""
+    from ..train.online import judge_all
+
+    return judge_all(judge, prompts, responses.texts)
 
 
 def rubric_tables(prompts: list[PromptItem], responses: Responses) -> list[list[dict]]:

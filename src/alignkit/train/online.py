@@ -60,7 +60,7 @@ def sample_responses(model, tokenizer, prompts: list[PromptItem], sampling: Samp
 def judge_all(judge, prompts: list[PromptItem], responses: list[list[str]]) -> list[list[float]]:
     flat_p = [p.text for p, rs in zip(prompts, responses) for _ in rs]
     flat_r = [r for rs in responses for r in rs]
-    scores = judge(flat_p, flat_r).tolist()
+    scores = judge(flat_p, flat_r).tolist() if flat_r else []
     out, i = [], 0
     for rs in responses:
         out.append(scores[i:i + len(rs)])
