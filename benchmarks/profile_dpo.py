@@ -1,6 +1,6 @@
-"""Where an alignkit DPO training step spends its time (tiny model, CPU), with torch.profiler.
+"""Where an alignkit DPO training step spends its time (tiny or embedded model, CPU), with torch.profiler.
 
-Run:  .venv/bin/python benchmarks/profile_dpo.py [--config full-fp32-fly] [--work-dir DIR]
+Run:  .venv/bin/python benchmarks/profile_dpo.py [--config full-fp32-fly] [--model tiny|embedded] [--work-dir DIR]
 
 Runs ``alignkit dpo`` in-process (the CLI entry point) on the tiny random Llama of bench_dpo.py and
 profiles training steps 3..6 only (loading and the first two steps are skipped by the profiler
@@ -25,21 +25,28 @@ def main() -> None:
     ap.add_argument("--config", default="full-fp32-fly")
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc keeps freed blocks < 32 MiB for reuse (as the RL loop does) instead of the 64 KiB mmap threshold")
+    ap.add_argument("--shapes", action="store_true", help="also list the top ops grouped by input shapes")
+    ap.add_argument("--model", choices=["tiny", "embedded"], default="tiny")
     a = ap.parse_args()
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="alignkit-prof-"))
     os.environ["ALIGNKIT_CACHE"] = str(work / "prof-cache")
-    model_dir = bench_dpo.prepare_tiny(work / "tiny-llama")
+    model_dir = bench_dpo.prepare_tiny(work / "tiny-llama") if a.model == "tiny" else bench_dpo.prepare_embedded()
+    batch = "4" if a.model == "tiny" else "2"   # bench_dpo.py's batch per model
     cfg = bench_dpo.parse_config(a.config)
 
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from alignkit import cli
+    from alignkit import cli, memory
+    if a.keep_freed_memory:
+        memory.return_freed_memory_to_os = memory.keep_freed_memory_for_reuse
     from alignkit.train import loop
 
     active = 4
     prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=1, active=active, repeat=1), acc_events=True,
-                   record_shapes=False)
+                   record_shapes=a.shapes)
     original_log = loop.MetricsLog.log
 
     def log_and_step(self, step, metrics):
@@ -48,7 +55,7 @@ def main() -> None:
 
     loop.MetricsLog.log = log_and_step
     argv = ["dpo", "--model", str(model_dir), "--data", str(bench_dpo.DATA), "--output-dir", str(work / "prof-run"),
-            "--max-steps", str(2 + active + 1), "--batch-size", "4", "--max-length", "256", "--log-every", "1",
+            "--max-steps", str(2 + active + 1), "--batch-size", batch, "--max-length", "256", "--log-every", "1",
             "--no-progress", "--overwrite"]
     argv += ["--lora-r", "16"] if cfg["lora"] else []
     argv += ["--precision", "bf16"] if cfg["bf16"] else []
@@ -58,12 +65,18 @@ def main() -> None:
     assert rc == 0, rc
     ka = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in ka)
-    print(f"\nalignkit {a.config}, tiny model, {active} profiled steps, torch threads {torch.get_num_threads()}; "
+    print(f"\nalignkit {a.config}, {a.model} model, {active} profiled steps, torch threads {torch.get_num_threads()}; "
           f"total self CPU {total / 1e3 / active:.0f} ms/step\n")
     print("| op | self CPU ms/step | % |")
     print("|---|---:|---:|")
     for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:a.top]:
         print(f"| {e.key[:70]} | {e.self_cpu_time_total / 1e3 / active:.1f} | {100 * e.self_cpu_time_total / total:.1f} |")
+
+    if a.shapes:
+        print("\n| op | input shapes | calls/step | self CPU ms/step |")
+        print("|---|---|---:|---:|")
+        for e in sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:a.top]:
+            print(f"| {e.key[:40]} | {str(e.input_shapes)[:90]} | {e.count / active:.1f} | {e.self_cpu_time_total / 1e3 / active:.1f} |")
 
     def incl(pred):
         return sum(e.cpu_time_total for e in ka if pred(e.key)) / 1e3 / active

@@ -40,21 +40,29 @@ def test_matches_naive_logsoftmax_gather_float64(tie):
     torch.testing.assert_close(lean, naive, rtol=0, atol=1e-12)
 
 
-def test_gradients_match_naive_float64():
-    model = make_tiny_llama(V).double()
+@pytest.mark.parametrize("tie", [False, True])
+def test_gradients_match_naive_float64(tie):
+    """Tied: the input embedding's gradient is taken sparse and added into the LM head's dense one."""
+    model = make_tiny_llama(V, tie=tie).double()
     ids, attn, comp = _batch(1)
+    ids[0, 2] = ids[3, 9] = model.config.pad_token_id  # padding_idx rows get no embedding gradient
     weights = torch.linspace(-1, 2, ids.shape[0], dtype=torch.float64)  # a non-trivial upstream gradient
 
-    def grads(fn):
+    def grads(fn, accumulate=1):
         model.zero_grad()
-        total, _, _ = sequence_logprobs(fn(), comp)
-        (total * weights).sum().backward()
+        for _ in range(accumulate):  # a second backward adds into the existing .grad
+            total, _, _ = sequence_logprobs(fn(), comp)
+            (total * weights).sum().backward()
+        assert all(p.grad.layout == torch.strided for p in model.parameters())
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     lean = grads(lambda: token_logprobs(model, ids, attn, comp))
     naive = grads(lambda: naive_token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, comp))
     for name in lean:
         torch.testing.assert_close(lean[name], naive[name], rtol=1e-9, atol=1e-12, msg=name)
+    twice = grads(lambda: token_logprobs(model, ids, attn, comp), accumulate=2)
+    for name in lean:
+        torch.testing.assert_close(twice[name], 2 * naive[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_chunking_does_not_change_values_or_grads():

@@ -340,3 +340,30 @@ def test_ppo_one_epoch_reusing_the_update_forward_equals_the_separate_old_pass(t
     assert g0.keys() == g1.keys() and len(g0) > 0
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_tied_embedding_gradients_equal_stock_autograd(tokenizer, monkeypatch):
+    """A tied policy with a shared value head: the one-buffer tied-table gradient (ops.logprobs.
+    _TiedEmbedding, padding rows included) equals stock autograd's, for every parameter."""
+    from alignkit.ops import logprobs
+    from alignkit.train.rl_common import PolicyValue
+
+    policy = make_tiny_llama(len(tokenizer), tie=True).double()
+    head = torch.nn.Linear(policy.config.hidden_size, 1).double()
+    module = PolicyValue(policy, temperature=0.7, value_head=head)
+    ids, mask, p, rmask = _rollout_batch(len(tokenizer))
+    weights = torch.linspace(-1, 2, ids.shape[0], dtype=torch.float64)[:, None]
+
+    def grads():
+        module.zero_grad(set_to_none=True)
+        logp, values = module(ids, mask, p, rmask)
+        ((logp * weights).sum() + (values ** 2).sum()).backward()
+        return {n: q.grad.clone() for n, q in module.named_parameters()}
+
+    assert logprobs._tied_embedding(policy, policy.model) is not None  # the tied path is taken
+    tied = grads()
+    monkeypatch.setattr(logprobs, "_tied_embedding", lambda causal, backbone: None)
+    stock = grads()
+    assert tied.keys() == stock.keys()
+    for name in stock:
+        torch.testing.assert_close(tied[name], stock[name], rtol=1e-10, atol=1e-12, msg=name)

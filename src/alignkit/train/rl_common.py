@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..models import add_lora, frozen_copy, load_causal_lm, reference_context
-from ..ops.logprobs import _causal_lm, linear_token_logprobs
+from ..ops.logprobs import _causal_lm, linear_token_logprobs, tied_inputs
 from .loop import MetricsLog, _check_finite, _set_rng_state, list_checkpoints, save_checkpoint, stream_indices
 
 
@@ -36,10 +36,12 @@ def _backbone_and_head(model):
     return getattr(causal, causal.base_model_prefix), causal.get_output_embeddings()
 
 
-def _hidden(backbone, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, L, H) final hidden states; positions from the mask so left padding is exact."""
+def _hidden(backbone, ids: torch.Tensor, mask: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+    """(B, L, H) final hidden states; positions from the mask so left padding is exact. ``inputs``
+    replaces ``input_ids=ids`` (``ops.logprobs.tied_inputs``' embeddings)."""
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-    return backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    inputs = {"input_ids": ids} if inputs is None else inputs
+    return backbone(**inputs, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
 
 class PolicyValue(nn.Module):
@@ -62,14 +64,16 @@ class PolicyValue(nn.Module):
         skips the value role (values is None): the reference pass needs only log-probs, and a separate
         value model's backbone would cost a second forward."""
         backbone, head = _backbone_and_head(self.policy)
-        hidden = _hidden(backbone, ids, mask)  # (B, L, H)
+        embed, slot = tied_inputs(_causal_lm(self.policy), backbone, ids)  # a tied table: one gradient buffer
+        hidden = _hidden(backbone, ids, mask, embed)  # (B, L, H)
         states = hidden[:, prompt_len - 1:-1]  # (B, T, H): the state before each response token
         targets = ids[:, prompt_len:]  # (B, T)
         rows, cols = response_mask.bool().nonzero(as_tuple=True)  # (N,)
         sel = states[rows, cols] / self.temperature  # (N, H): logits/τ = (h/τ)Wᵀ (+ b/τ)
         bias = None if head.bias is None else head.bias / self.temperature
         # the entropy statistic comes from the softmax the log-prob op computes anyway (no second head pass)
-        out = linear_token_logprobs(sel, head.weight, bias, targets[rows, cols], return_entropy=with_entropy)
+        out = linear_token_logprobs(sel, head.weight, bias, targets[rows, cols], return_entropy=with_entropy,
+                                    _weight_grad_slot=slot)
         logps, ent = out if with_entropy else (out, None)  # (N,) each
         logp = torch.zeros(response_mask.shape, dtype=logps.dtype, device=ids.device).index_put((rows, cols), logps)
         values = None
