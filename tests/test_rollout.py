@@ -417,6 +417,28 @@ def test_reward_model_judge_matches_reward_scores(reward_dir, tokenizer, chat_te
     assert got.std() > 0.01  # the scores differ: a mix-up of rows would show
 
 
+@pytest.mark.parametrize("trained_with_template", [False, True])
+def test_reward_model_judge_renders_prompts_as_the_model_was_trained(reward_dir, tmp_path, trained_with_template):
+    """chat_template / max_prompt_length unset: read from the config.yaml `alignkit rm` saved, so a reward
+    model trained on templated prompts is judged on templated prompts (explicit arguments still win)."""
+    import shutil
+
+    folder = tmp_path / "rm"
+    shutil.copytree(reward_dir, folder)
+    (folder / "config.yaml").write_text(f"data:\n  chat_template_for_plain: {str(trained_with_template).lower()}\n"
+                                        "  max_prompt_length: 7\n")
+    judge = load_judge(str(folder))
+    assert judge.chat_template is trained_with_template and judge.max_prompt_length == 7
+    explicit = load_judge(str(folder), chat_template=not trained_with_template, max_prompt_length=64)
+    assert explicit.chat_template is (not trained_with_template) and explicit.max_prompt_length == 64
+    prompts, responses = [PROMPTS[0], PROMPTS[1]], ["Paris.", "Four."]
+    same = load_judge(str(reward_dir), chat_template=trained_with_template, max_prompt_length=7)
+    torch.testing.assert_close(judge(prompts, responses), same(prompts, responses), rtol=0, atol=0)
+    (folder / "config.yaml").write_text("data: [not, a, mapping\n")  # unreadable: the defaults
+    judge = load_judge(str(folder))
+    assert judge.chat_template is False and judge.max_prompt_length is None
+
+
 def test_reward_model_judge_tokenizer_choice(reward_dir, tmp_path, tokenizer):
     """The folder's own tokenizer beats a (policy) tokenizer passed along; a folder without one uses
     the given tokenizer (a copy: the caller's pad token is left alone), or refuses without it."""

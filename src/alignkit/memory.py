@@ -14,6 +14,14 @@ On the embedded model a GRPO step took 16.5 s with the 64 KiB threshold and 11.6
 own; so ``rl_loop`` calls :func:`keep_freed_memory_for_reuse` (a fixed 32 MiB threshold, glibc's
 dynamic ceiling, and a trim threshold of twice that), trading a few hundred MB of peak RSS for
 speed (benchmarks/README.md, bench_rl section, has the numbers).
+
+bf16 autocast pays for it too: every forward casts each fp32 weight to a fresh bf16 copy (MB-sized
+blocks, hundreds per step), and the backward casts the weight gradients back. With the 64 KiB
+threshold each one is a new mmap faulted in page by page: `alignkit rm` on the embedded model (LoRA,
+bf16) ran 150 tokens/s with 3 min 15 s of system time in a 4 min run, and 330 tokens/s with 7 s
+when freed blocks are reused. So every command that runs under bf16 autocast calls
+:func:`for_precision`, which switches to reuse (a process stays switched: a pipeline's later fp32
+stages keep it).
 """
 
 from __future__ import annotations
@@ -44,6 +52,12 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
 def return_freed_memory_to_os() -> bool:
     """Fix glibc's mmap threshold at 64 KiB. Returns False where there is no glibc (nothing to do)."""
     return _mallopt((_M_MMAP_THRESHOLD, _THRESHOLD_BYTES))
+
+
+def for_precision(precision: str) -> bool:
+    """Under ``bf16`` autocast keep freed blocks for reuse (:func:`keep_freed_memory_for_reuse`); fp32 keeps
+    the 64 KiB threshold. True if the setting changed."""
+    return keep_freed_memory_for_reuse() if precision == "bf16" else False
 
 
 def keep_freed_memory_for_reuse(threshold: int | None = None) -> bool:

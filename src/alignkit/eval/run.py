@@ -62,6 +62,9 @@ def generate(model, tokenizer, prompts: list[PromptItem], sampling: SamplingConf
     k = sampling.num_responses
     texts, ids, ended = [], [], []
     generator = torch.Generator().manual_seed(seed)
+    from ..memory import for_precision
+
+    for_precision(precision)  # autocast casts every weight each forward: reuse freed blocks (alignkit.memory)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     with autocast, torch.no_grad(), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
         for s in range(0, len(prompts), sampling.gen_batch_size):

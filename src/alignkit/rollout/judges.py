@@ -144,6 +144,17 @@ def _import_module(where: str, spec: str):
 
 # ----------------------------------------------------------------------------- reward models
 
+def _training_data_settings(folder: Path) -> dict:
+    """The ``data:`` section of the ``config.yaml`` that ``alignkit rm`` saved in ``folder`` ({} without one)."""
+    import yaml
+
+    try:
+        data = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class RewardModelJudge:
     """Scores from a reward model saved by ``alignkit rm``, tokenised exactly as its training data.
 
@@ -151,13 +162,15 @@ class RewardModelJudge:
     strings as they are, or with ``chat_template=True`` the prompt as one user turn rendered with the
     tokenizer's chat template (training's ``chat_template_for_plain``); a prompt given as a list of
     messages is a conversation, rendered with the template. ``max_length`` / ``max_prompt_length``
-    truncate as in training. Sequences are scored in batches of ``batch_size`` sorted by length.
+    truncate as in training. ``chat_template`` and ``max_prompt_length`` left as None are read from the
+    folder's ``config.yaml`` (the settings ``alignkit rm`` trained with), so a model trained on
+    templated prompts is judged on templated prompts. Sequences are scored in batches of ``batch_size`` sorted by length.
     ``tokenizer``: used only for a folder saved without one (the folder's own tokenizer always wins,
     so a policy tokenizer passed along cannot mis-tokenise); a copy, as the judge sets its pad id.
     """
 
     def __init__(self, path: str, *, batch_size: int = 16, max_length: int | None = None,
-                 max_prompt_length: int | None = None, chat_template: bool = False, tokenizer=None,
+                 max_prompt_length: int | None = None, chat_template: bool | None = None, tokenizer=None,
                  device: str | torch.device | None = None, trust_remote_code: bool = False):
         from ..models import load_tokenizer
         from ..reward_model import (
@@ -182,8 +195,12 @@ class RewardModelJudge:
         if device is not None:
             self.model.to(device)
         self.pad_token_id = set_reward_pad_token(self.model, self.tokenizer)
+        trained = _training_data_settings(folder)
+        if max_prompt_length is None:
+            max_prompt_length = trained.get("max_prompt_length")
         self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
-        self.chat_template = chat_template
+        self.chat_template = bool(trained.get("chat_template_for_plain", False)) if chat_template is None \
+            else chat_template
 
     def encode(self, prompt, response: str) -> list[int]:
         """Token ids of prompt + response + EOS, as the reward model was trained on them."""

@@ -31,6 +31,9 @@ def make_accelerator(precision: str, seed: int):
         raise InputError(f"{acc.distributed_type.name} is not supported; launch data parallel or FSDP "
                          "(torchrun ... --fsdp, or accelerate launch --use_fsdp)", field="launcher")
     set_seed(seed)
+    from ..memory import for_precision
+
+    for_precision(precision)  # autocast's per-step weight casts: reuse freed blocks (alignkit.memory)
     return acc
 
 

@@ -1,0 +1,24 @@
+"""alignkit.memory: bf16 runs switch glibc to reusing freed blocks; fp32 runs leave the setting alone."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from alignkit import memory
+
+
+def test_for_precision_switches_only_under_bf16(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "_mallopt", lambda *settings: calls.append(settings) or True)
+    assert memory.for_precision("fp32") is False and calls == []
+    assert memory.for_precision("bf16") is True
+    assert calls == [((memory._M_MMAP_THRESHOLD, memory.RL_MMAP_THRESHOLD),
+                      (memory._M_TRIM_THRESHOLD, 2 * memory.RL_MMAP_THRESHOLD))]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_glibc_accepts_both_settings():
+    assert memory.keep_freed_memory_for_reuse() is True
+    assert memory.return_freed_memory_to_os() is True  # back to the CLI's setting for this process
