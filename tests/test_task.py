@@ -224,7 +224,7 @@ def test_split_holds_out_whole_instructions():
 
 def test_shipped_prompt_files(tmp_path):
     train, held = _rows("constraints_train.jsonl"), _rows("constraints_eval.jsonl")
-    assert (len(train), len(held)) == (300, 100)
+    assert (len(train), len(held)) == (300, 200)
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in held}
     for i, row in enumerate(train + held):
         prompt, text = validate_prompt_row(row, ("constraints.jsonl", i + 1))  # alignkit's prompt loader

@@ -255,7 +255,7 @@ class PipelineConfig(_Section):
     num_train_prompts: int | None = Field(None, ge=0, description="use the first N training prompts; 0 = all "
                                                                   "(default: 160, --quick 48)")
     num_eval_prompts: int | None = Field(None, ge=0, description="use the first N held-out prompts; 0 = all "
-                                                                 "(default: 100, --quick 40)")
+                                                                 "(default: 200, --quick 40)")
     sft_data: list[str] | None = Field(None, description="optional SFT stage on these demonstrations first")
     judge: str = Field("rubric", description="the gold judge that labels the samples and judges the evaluation: "
                                              "'rubric' (alignkit.labeler) or 'module:function'")
@@ -268,10 +268,10 @@ class PipelineConfig(_Section):
     eval_temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation")
     lora_r: int = Field(16, ge=0, description="LoRA rank of every trained model; 0 = full fine-tuning")
     precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast (weights stay fp32) or fp32")
-    rm_steps: int | None = Field(None, ge=1, description="reward-model steps (default 28, --quick 12)")
-    rl_steps: int | None = Field(None, ge=1, description="PPO/GRPO steps (default 20, --quick 6)")
-    dpo_steps: int | None = Field(None, ge=1, description="steps per DPO-family method (default 32, --quick 12)")
-    rm_lr: float = Field(3e-4, gt=0, description="reward-model learning rate (LoRA; the new score head trains in full)")
+    rm_steps: int | None = Field(None, ge=1, description="reward-model steps (default 36, --quick 12)")
+    rl_steps: int | None = Field(None, ge=1, description="PPO/GRPO steps (default 16, --quick 4)")
+    dpo_steps: int | None = Field(None, ge=1, description="steps per DPO-family method (default 26, --quick 12)")
+    rm_lr: float = Field(1e-3, gt=0, description="reward-model learning rate (LoRA; the new score head trains in full)")
     rl_lr: float = Field(3e-4, gt=0, description="PPO/GRPO learning rate (LoRA)")
     dpo_lr: float = Field(5e-4, gt=0, description="DPO-family learning rate (LoRA)")
     pairs: Literal["best-worst", "all"] = Field("best-worst", description="DPO pairs per prompt: the labeler's best "

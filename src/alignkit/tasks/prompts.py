@@ -3,7 +3,7 @@
 ``make_prompts(n, seed)`` is deterministic (same n, seed and instructions -> the same rows).
 ``split`` holds out whole base instructions, so a held-out prompt never shares its task with a
 training prompt (only the constraint kinds are shared). ``python -m alignkit.tasks``
-rewrites ``sample_data/constraints_train.jsonl`` (300 rows) and ``constraints_eval.jsonl`` (100).
+rewrites ``sample_data/constraints_train.jsonl`` (300 rows) and ``constraints_eval.jsonl`` (200).
 
 A row: ``{"prompt": str, "instruction": str, "category": str, "constraints": [spec, ...]}``; alignkit's
 prompt loader reads ``prompt`` and ignores the rest; ``constraints`` are
@@ -155,7 +155,7 @@ def split(rows: list[dict], eval_fraction: float = 0.25, seed: int = 0) -> tuple
             [r for r in rows if r["instruction"] in held_texts])
 
 
-def write_sample_data(out_dir: str | Path | None = None, n_train: int = 300, n_eval: int = 100,
+def write_sample_data(out_dir: str | Path | None = None, n_train: int = 300, n_eval: int = 200,
                       seed: int = 0) -> tuple[Path, Path]:
     """Write ``constraints_train.jsonl`` and ``constraints_eval.jsonl`` (held-out instructions)."""
     out = Path(out_dir) if out_dir is not None else Path(__file__).resolve().parent.parent / "sample_data"
