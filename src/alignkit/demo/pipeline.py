@@ -247,7 +247,7 @@ def _evaluate(folder: Path, name: str, start: str, out: Path, tokenizer, prompts
         ratio = [[0.0] for _ in prompts]
     else:
         reference = load_causal_lm(start).eval()
-        k = KL_PROMPTS if len(prompts) > KL_PROMPTS else len(prompts)  # fp32 forwards of two models: the costly part
+        k = min(KL_PROMPTS, len(prompts))  # fp32 forwards of two models: the costly part
         sub = Responses(resp.texts[:k], resp.ids[:k], resp.ended[:k])
         ratio = sequence_log_ratio(model, reference, prompts[:k], sub, tokenizer.pad_token_id, batch_size=20)
         del reference

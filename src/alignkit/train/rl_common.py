@@ -36,11 +36,10 @@ def _backbone_and_head(model):
     return getattr(causal, causal.base_model_prefix), causal.get_output_embeddings()
 
 
-def _hidden(backbone, ids: torch.Tensor, mask: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
-    """(B, L, H) final hidden states; positions from the mask so left padding is exact. ``inputs``
-    replaces ``input_ids=ids`` (``ops.logprobs.tied_inputs``' embeddings)."""
+def _hidden(backbone, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) final hidden states; positions from the mask so left padding is exact. ``inputs``:
+    ``{"input_ids": ids}`` or ``ops.logprobs.tied_inputs``' embeddings."""
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-    inputs = {"input_ids": ids} if inputs is None else inputs
     return backbone(**inputs, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
 
@@ -65,7 +64,7 @@ class PolicyValue(nn.Module):
         value model's backbone would cost a second forward."""
         backbone, head = _backbone_and_head(self.policy)
         embed, slot = tied_inputs(_causal_lm(self.policy), backbone, ids)  # a tied table: one gradient buffer
-        hidden = _hidden(backbone, ids, mask, embed)  # (B, L, H)
+        hidden = _hidden(backbone, embed, mask)  # (B, L, H)
         states = hidden[:, prompt_len - 1:-1]  # (B, T, H): the state before each response token
         targets = ids[:, prompt_len:]  # (B, T)
         rows, cols = response_mask.bool().nonzero(as_tuple=True)  # (N,)
@@ -83,7 +82,7 @@ class PolicyValue(nn.Module):
             from ..reward_model import _parts
 
             v_backbone, v_head = _parts(self.value_model)
-            values = v_head(_hidden(v_backbone, ids, mask)[:, prompt_len - 1:-1]).squeeze(-1).float()  # (B, T)
+            values = v_head(_hidden(v_backbone, {"input_ids": ids}, mask)[:, prompt_len - 1:-1]).squeeze(-1).float()  # (B, T)
         if values is not None:
             values = values * response_mask
         if not with_entropy:
