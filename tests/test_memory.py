@@ -1,4 +1,4 @@
-"""alignkit.memory: bf16 runs switch glibc to reusing freed blocks; fp32 runs leave the setting alone."""
+"""alignkit.memory: bf16 runs and the gradient loop switch glibc to reusing freed blocks; elsewhere fp32 keeps the 64 KiB threshold."""
 
 from __future__ import annotations
 
@@ -22,3 +22,16 @@ def test_for_precision_switches_only_under_bf16(monkeypatch):
 def test_glibc_accepts_both_settings():
     assert memory.keep_freed_memory_for_reuse() is True
     assert memory.return_freed_memory_to_os() is True  # back to the CLI's setting for this process
+
+
+def test_for_training_reuses_and_never_trims(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "_mallopt", lambda *settings: calls.append(settings) or True)
+    assert memory.for_training() is True
+    assert calls == [((memory._M_MMAP_THRESHOLD, memory.RL_MMAP_THRESHOLD), (memory._M_TRIM_THRESHOLD, memory.NO_TRIM))]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_glibc_accepts_the_training_setting():
+    assert memory.for_training() is True
+    assert memory.return_freed_memory_to_os() is True
