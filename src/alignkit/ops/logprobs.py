@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .grad_in_place import accumulates_in_place, add_to_grad
+
 # Rows per chunk so a chunk's (rows, V) float32 logits stay near 64 MiB.
 _CHUNK_BYTES = 64 * 2**20
 
@@ -90,7 +92,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             if with_entropy:  # z now holds softmax(z): H = −Σ p log p (entr(0) = 0)
                 entropy[s:s + chunk] = torch.special.entr(z).sum(dim=-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, probs)
-        ctx.chunk, ctx.dtype, ctx.slot = chunk, dtype, weight_grad_slot
+        ctx.chunk, ctx.dtype, ctx.slot, ctx.param = chunk, dtype, weight_grad_slot, weight
         ctx.mark_non_differentiable(is_max, entropy)
         return out, is_max, entropy
 
@@ -106,6 +108,8 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         grads_h, grad_w, grad_b = [], None, None
+        # the weight's gradient straight into weight.grad (ops/grad_in_place.py); not under autocast
+        in_place = need_w and dtype == weight.dtype and accumulates_in_place(ctx.param)
         for s in range(0, targets.shape[0], chunk):
             h = hidden[s:s + chunk].to(dtype)  # (n, H)
             g_out = grad_out[s:s + chunk].to(acc)  # (n,)
@@ -118,7 +122,9 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             g_c = g.to(dtype)
             if need_h:
                 grads_h.append((g_c @ w).to(hidden.dtype))  # (n, H)
-            if need_w:  # the first chunk allocates, later ones accumulate in place: no zero fill
+            if need_w and in_place:
+                add_to_grad(ctx.param, g_c.T, h)
+            elif need_w:  # the first chunk allocates, later ones accumulate in place: no zero fill
                 grad_w = (g_c.T @ h).to(acc) if grad_w is None else grad_w.addmm_(g_c.T.to(acc), h.to(acc))
             if need_b:
                 grad_b = g.sum(0) if grad_b is None else grad_b.add_(g.sum(0))
@@ -127,6 +133,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         if ctx.slot is not None:  # tied to the input embedding: its backward adds to this and returns the sum
             ctx.slot.grad, grad_w = grad_w, None
+            ctx.slot.in_place = in_place
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
@@ -156,8 +163,10 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 class _TiedWeightGrad:
-    """Hands the LM head's weight gradient to the input embedding's backward (tied weights)."""
+    """Hands the LM head's weight gradient to the input embedding's backward (tied weights); ``in_place``:
+    the head accumulated it into ``weight.grad`` itself (ops/grad_in_place.py)."""
     grad: torch.Tensor | None = None
+    in_place: bool = False
 
 
 class _TiedEmbedding(torch.autograd.Function):
@@ -177,6 +186,7 @@ class _TiedEmbedding(torch.autograd.Function):
     def forward(ctx, ids, weight, padding_idx: int | None, slot: _TiedWeightGrad):
         ctx.save_for_backward(ids)
         ctx.weight_shape, ctx.weight_dtype, ctx.padding_idx, ctx.slot = weight.shape, weight.dtype, padding_idx, slot
+        ctx.param = weight
         return nn.functional.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -187,6 +197,9 @@ class _TiedEmbedding(torch.autograd.Function):
             keep = ids != ctx.padding_idx
             ids, grad = ids[keep], grad[keep]
         total, ctx.slot.grad = ctx.slot.grad, None
+        if ctx.slot.in_place:  # the head already added its part to weight.grad: add the rows there too
+            ctx.param.grad.index_add_(0, ids, grad.to(ctx.param.grad.dtype))
+            return None, None, None, None
         if total is None:  # the head's output got no gradient in this backward
             total = grad.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
         return None, total.index_add_(0, ids, grad.to(total.dtype)), None, None
