@@ -2,11 +2,11 @@
 
 Stock autograd gives every ``nn.Linear`` weight a fresh (out, in) gradient tensor per backward:
 with ``zero_grad(set_to_none=True)`` the next backward allocates it again; otherwise it is added
-into ``.grad`` and freed. On a CPU those fresh blocks are mmaps (alignkit keeps glibc's threshold
-at 64 KiB, ``alignkit.memory``), zero-filled by the kernel page by page as the matmul first writes
-them, and unmapped again at ``zero_grad``: on SmolLM2-135M (424 MB of linear weights) that made
-the weight-gradient products of an embedded DPO step run at a third to a half of their rate in
-isolation (benchmarks/README.md). Here the product accumulates into ``weight.grad`` with one
+into ``.grad`` and freed. On a CPU with glibc's mmap threshold at 64 KiB (the CLI's setting,
+``alignkit.memory``) those fresh blocks are mmaps, zero-filled by the kernel page by page as the
+matmul first writes them, and unmapped again at ``zero_grad``: on SmolLM2-135M (424 MB of linear
+weights) that made the weight-gradient products of an embedded DPO step run at a third to a half
+of their rate in isolation (benchmarks/README.md). Here the product accumulates into ``weight.grad`` with one
 ``addmm_`` (``.grad += dY^T X``), the buffers live for the whole run, and the loop zeroes them in
 place instead of freeing them. Megatron-LM calls this gradient-accumulation fusion.
 
