@@ -75,7 +75,9 @@ class GradInPlaceLinear(nn.Linear):
         return _LinearGradInPlace.apply(x, self.weight, self.bias)
 
 
-def _plain(t: torch.Tensor) -> bool:
+def is_plain(t: torch.Tensor) -> bool:
+    """False for a sharded FSDP ``DTensor`` (its hooks unshard it; ops that bypass autograd's accumulator
+    must leave it alone)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
@@ -136,7 +138,7 @@ def install(model: nn.Module) -> InPlaceGrads:
     """
     swapped: list[nn.Module] = []
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.requires_grad and _plain(module.weight) \
+        if type(module) is nn.Linear and module.weight.requires_grad and is_plain(module.weight) \
                 and module.weight.dtype in (torch.float32, torch.float64):
             module.__class__ = GradInPlaceLinear
             swapped.append(module)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .grad_in_place import accumulates_in_place, add_to_grad
+from .grad_in_place import accumulates_in_place, add_to_grad, is_plain
 
 # Rows per chunk so a chunk's (rows, V) float32 logits stay near 64 MiB.
 _CHUNK_BYTES = 64 * 2**20
@@ -213,11 +213,7 @@ def _tied_embedding(causal: nn.Module, backbone: nn.Module) -> nn.Embedding | No
     if type(emb) is not nn.Embedding or emb.weight is not head.weight or not emb.weight.requires_grad \
             or not torch.is_grad_enabled() or emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse:
         return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return emb
-    return None if isinstance(emb.weight, DTensor) else emb
+    return emb if is_plain(emb.weight) else None
 
 
 def tied_inputs(causal: nn.Module, backbone: nn.Module, input_ids: torch.Tensor) -> tuple[dict, _TiedWeightGrad | None]:
