@@ -501,3 +501,54 @@ def test_sampler_falls_back_when_the_scaled_draw_rounds_up_to_the_total(monkeypa
     assert gen_mod._sample_weights(weights.clone(), None).tolist() == [1, 0, 3]
     monkeypatch.setattr(gen_mod.torch, "rand", lambda *a, **k: torch.full((3, 1), 0.5))
     assert gen_mod._sample_weights(weights.clone(), None).tolist() == [1, 2, 2]
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 24), (3, 24), (5, 8, 24)])  # 8 and 3 rows: the (W h^T)^T path; 40: F.linear
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_few_rows_linear_equals_linear(shape, with_bias):
+    """The decoding LM head's product equals F.linear in float64 to rounding, in both of its paths,
+    for 2-D and 3-D inputs, and returns a contiguous (..., V) tensor."""
+    from alignkit.rollout.generate import FEW_ROWS, few_rows_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    w = torch.randn(50, 24, generator=g, dtype=torch.float64)
+    b = torch.randn(50, generator=g, dtype=torch.float64) if with_bias else None
+    assert (x.numel() // 24 <= FEW_ROWS) == (shape != (5, 8, 24))
+    out = few_rows_linear(x, w, b)
+    assert out.shape == (*shape[:-1], 50) and out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-12, atol=1e-12)
+
+
+def test_generate_puts_the_lm_head_back(policy, prompt_ids):
+    """During decoding the head runs few_rows_linear; afterwards (also after an error in the loop) the
+    head is a plain nn.Linear again. A head whose forward an instance already replaced is left alone."""
+    import importlib
+
+    gen_mod = importlib.import_module("alignkit.rollout.generate")  # the module; the package re-exports the function
+    head = policy.get_output_embeddings()
+    seen = []
+    orig = gen_mod.few_rows_linear
+    gen_mod.few_rows_linear = lambda x, w, b=None: seen.append(x.shape) or orig(x, w, b)
+    try:
+        generate(policy, prompt_ids, max_new_tokens=3, eos_token_id=_unused_id(torch.tensor([0])), greedy=True)
+    finally:
+        gen_mod.few_rows_linear = orig
+    assert seen[0] == (3, 1, policy.config.hidden_size) and len(seen) == 3  # prefill (last position) + 2 steps
+    assert "forward" not in vars(head)
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gen_mod, "_forward", broken)
+            generate(policy, prompt_ids, max_new_tokens=3, eos_token_id=5, greedy=True)
+    assert "forward" not in vars(head)
+
+    calls = []
+    head.forward = lambda x: calls.append(1) or torch.nn.functional.linear(x, head.weight, head.bias)
+    try:
+        generate(policy, prompt_ids, max_new_tokens=2, eos_token_id=_unused_id(torch.tensor([0])), greedy=True)
+        assert len(calls) == 2 and "forward" in vars(head)
+    finally:
+        del head.forward

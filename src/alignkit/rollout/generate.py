@@ -28,7 +28,7 @@ filtered distribution puts zero mass on tokens the policy still assigns probabil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +165,44 @@ def _eos_ids(eos_token_id, device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+# Up to this many rows, a CPU LM head runs as (W @ h^T)^T; see few_rows_linear.
+FEW_ROWS = 32
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed as ``(weight @ x^T)^T`` when x (..., H) has at most
+    :data:`FEW_ROWS` rows; weight (V, H), bias (V,); returns (..., V), contiguous.
+
+    Each decoding step puts B rows (8 in a GRPO step) through the LM head. For that shape CPU
+    ``F.linear`` runs at a fraction of the matmul rate (it copies the whole (V, H) weight into its
+    own layout each call); measured here, 8 rows through a (49152, 576) head: 17.8 ms against
+    7.4 ms, and through a (49152, 256) head 11.3 ms against 3.3 ms. From ~64 rows on, F.linear is
+    the faster one, so larger inputs go to it unchanged. Same products, summed in another order.
+    """
+    rows = x.numel() // x.shape[-1]
+    if rows > FEW_ROWS:
+        return torch.nn.functional.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1]).T  # (H, rows)
+    out = torch.mm(weight, flat) if bias is None else torch.addmm(bias[:, None], weight, flat)  # (V, rows)
+    return out.T.contiguous().reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _few_rows_head(model) -> Callable[[], None]:
+    """Make the model's LM head (a plain ``nn.Linear`` on the CPU) run :func:`few_rows_linear` while
+    decoding; returns the function that undoes it. The model's own forward, and anything it does to
+    the logits after the head, is unchanged. A head whose forward is already replaced on the
+    instance (accelerate's offloading hooks do that) is left alone."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not (isinstance(head, torch.nn.Linear) and "forward" not in vars(head) and head.weight.device.type == "cpu"):
+        return lambda: None
+    head.forward = lambda x: few_rows_linear(x, head.weight, head.bias)
+
+    def restore() -> None:
+        del head.forward
+
+    return restore
+
+
 def _forward(model, ids, mask, positions, cache, keep_last: bool) -> torch.Tensor:
     """Last-position logits (B, V) float32; the cache grows in place."""
     kwargs = {"logits_to_keep": 1} if keep_last else {}
@@ -223,6 +261,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     batch = prompt.shape[0]
     was_training = model.training
     model.eval()
+    restore_head = _few_rows_head(model)
     try:
         width = prompt.shape[1]  # P
         cache, static = _new_cache(model, width + max_new_tokens)
@@ -268,6 +307,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
             logits = _forward(model, token[:, None], mask, next_pos, cache, False)
             next_pos = next_pos + 1
     finally:
+        restore_head()
         model.train(was_training)
     response_mask = torch.stack(live, dim=1).long()  # (B, T)
     return Rollout(prompt_ids=prompt, prompt_mask=prompt_mask, response_ids=torch.stack(tokens, dim=1),
