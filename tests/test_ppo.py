@@ -276,6 +276,8 @@ def test_lora_reference_skips_the_value_models_backbone(tokenizer):
     assert calls == []
     torch.testing.assert_close(ref, expected, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
+        module(ids, mask, p, rmask)  # the first call also checks the packed layout against the padded one
+        calls.clear()
         current = module(ids, mask, p, rmask)[0]
     assert calls == [1]  # the hook does fire when values are asked for
     assert (current - ref).abs().max() > 1e-2  # the adapters were really off in the reference pass
@@ -367,3 +369,105 @@ def test_tied_embedding_gradients_equal_stock_autograd(tokenizer, monkeypatch):
     assert tied.keys() == stock.keys()
     for name in stock:
         torch.testing.assert_close(tied[name], stock[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_pack_rollout_golden():
+    """Rows 0 and 2 answer the same prompt [5, 6] (stored once); row 1 answers [7] (left-padded).
+    Responses 2, 1 and 3 tokens long (right-padded with 0)."""
+    from alignkit.train.rl_common import pack_rollout
+
+    ids = torch.tensor([[0, 5, 6, 11, 12, 0], [0, 0, 7, 21, 0, 0], [0, 5, 6, 31, 32, 33]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+    pk = pack_rollout(ids, mask, 3, mask[:, 3:].float())
+    # positions: 0 1 | 2 3 | 4 | 5 | 6 7 8
+    assert pk.input_ids.tolist() == [[5, 6, 11, 12, 7, 21, 31, 32, 33]]
+    assert pk.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4]]
+    assert pk.prev.tolist() == [1, 2, 4, 1, 6, 7]  # first response token from its prompt's last token
+    assert pk.rows.tolist() == [0, 0, 1, 2, 2, 2] and pk.cols.tolist() == [0, 1, 0, 0, 1, 2]
+    vis = pk.attention_mask[0, 0].int()
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],  # 5   prompt A
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],  # 6
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],  # 11  row 0: prompt A + itself
+        [1, 1, 1, 1, 0, 0, 0, 0, 0],  # 12
+        [0, 0, 0, 0, 1, 0, 0, 0, 0],  # 7   prompt B
+        [0, 0, 0, 0, 1, 1, 0, 0, 0],  # 21  row 1
+        [1, 1, 0, 0, 0, 0, 1, 0, 0],  # 31  row 2: prompt A, not row 0's response
+        [1, 1, 0, 0, 0, 0, 1, 1, 0],  # 32
+        [1, 1, 0, 0, 0, 0, 1, 1, 1]])  # 33
+    assert torch.equal(vis, expected)
+
+
+@pytest.mark.parametrize("value", ["none", "shared", "separate"])
+def test_packed_policy_value_equals_padded(tokenizer, value, monkeypatch):
+    """Groups of rows sharing a prompt (as GRPO samples them) plus a lone prompt: the packed pass gives
+    the padded pass's log-probs, entropy, values and gradients (float64, to rounding).
+
+    Llama's RMSNorm computes in float32 whatever the input dtype; a shared prompt token's norm then
+    sees one summed gradient instead of one per row, and the two differ by float32 rounding (~5e-8
+    relative). The norm runs in the input's dtype here so that float64 means float64 throughout."""
+    from transformers.models.llama import modeling_llama
+
+    from alignkit.train import rl_common
+    from alignkit.train.rl_common import PolicyValue
+
+    def rms_norm(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm)
+
+    policy = make_tiny_llama(len(tokenizer), tie=True).double()
+    kw = {}
+    if value == "shared":
+        kw["value_head"] = torch.nn.Linear(policy.config.hidden_size, 1).double()
+    elif value == "separate":
+        kw["value_model"] = _value_model(policy).double()
+    ids, mask, p, rmask = _rollout_batch(len(tokenizer))
+    ids[1, :p], mask[1, :p] = ids[0, :p], mask[0, :p]  # rows 0, 1 and 3 answer one prompt
+    ids[3, :p], mask[3, :p] = ids[0, :p], mask[0, :p]
+    packed_mod, padded_mod = PolicyValue(policy, temperature=0.7, **kw), PolicyValue(policy, temperature=0.7, pack=False, **kw)
+    assert rl_common.pack_rollout(ids, mask, p, rmask).input_ids.shape[1] == 5 + 4 + 6 + 2 + 5 + 4  # prompts 5 and 4, responses
+
+    def run(module):
+        module.zero_grad(set_to_none=True)
+        logp, values, entropy = module(ids, mask, p, rmask, with_entropy=True)
+        loss = (logp * torch.linspace(-1, 2, 4, dtype=torch.float64)[:, None]).sum() + entropy.sum()
+        if values is not None:
+            loss = loss + (values ** 2).sum()
+        loss.backward()
+        return (logp, values, entropy), {n: q.grad.clone() for n, q in module.named_parameters() if q.grad is not None}
+
+    (out_pk, g_pk), (out_pd, g_pd) = run(packed_mod), run(padded_mod)
+    assert rl_common._PACKS[policy]  # the packed path was taken
+    assert (out_pk[1] is None) == (out_pd[1] is None) == (value == "none")
+    for a, b in zip(out_pk, out_pd):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+            assert (a[rmask == 0] == 0).all()
+    assert g_pk.keys() == g_pd.keys() and len(g_pk) > 0
+    for name in g_pd:
+        torch.testing.assert_close(g_pk[name], g_pd[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_a_model_that_packs_wrongly_keeps_padded_rows(tokenizer, monkeypatch):
+    """If the packed pass disagrees with the padded one (here: a mask that lets every token see every
+    earlier one, as a model ignoring 4D masks would), the check says so and padded rows are used."""
+    from alignkit.train import rl_common
+    from alignkit.train.rl_common import PolicyValue
+
+    policy = make_tiny_llama(len(tokenizer))
+    ids, mask, p, rmask = _rollout_batch(len(tokenizer))
+    with torch.no_grad():
+        expected = PolicyValue(policy, pack=False)(ids, mask, p, rmask)[0]
+    real = rl_common.pack_rollout
+
+    def leaky(*args):
+        out = real(*args)
+        n = out.input_ids.shape[1]
+        out.attention_mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        return out
+
+    monkeypatch.setattr(rl_common, "pack_rollout", leaky)
+    with torch.no_grad():
+        got = PolicyValue(policy)(ids, mask, p, rmask)[0]
+    assert rl_common._PACKS[policy] is False
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,52 +44,162 @@ def _hidden(backbone, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
     return backbone(**inputs, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
 
+# A packed row longer than this goes padded instead: its (L, L) mask grows with the square.
+MAX_PACKED_TOKENS = 4096
+
+
+@dataclass
+class PackedRollout:
+    """A rollout batch as ONE row: each distinct prompt once, then the real tokens of every response to it.
+
+    input_ids, position_ids  (1, L)        L = Σ distinct prompts' real tokens + Σ real response tokens
+    attention_mask           (1, 1, L, L)  bool: a prompt token sees its prompt's earlier tokens; a
+                                           response token sees its whole prompt and its own earlier tokens
+    prev                     (N,)          the position whose hidden state predicts each response token:
+                                           the prompt's last token for the first, else the token before
+    rows, cols               (N,)          where those N tokens sit in the (B, T) response coordinates
+    Positions continue the prompt's, so every response sees exactly the context it has alone; a
+    GRPO group of K responses to one prompt costs P + ΣT_k tokens instead of K·(P + T).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prev: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
+def pack_rollout(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+                 response_mask: torch.Tensor) -> PackedRollout:
+    """Pack ``[prompt (B, P) left-padded | response (B, T) right-padded]`` into a :class:`PackedRollout`.
+    Rows whose real prompt tokens are equal share one copy of the prompt."""
+    ids_l, mask_l = ids.tolist(), mask.bool().tolist()
+    tokens, pos, seg, group, prev, rows, cols = [], [], [], [], [], [], []
+    prompts: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> (group id, position of its last token)
+    for b, (row, real) in enumerate(zip(ids_l, mask_l)):
+        prompt = tuple(t for t, r in zip(row[:prompt_len], real[:prompt_len]) if r)
+        if prompt not in prompts:
+            g = len(prompts)
+            tokens += prompt
+            pos += range(len(prompt))
+            seg += [-1 - g] * len(prompt)
+            group += [g] * len(prompt)
+            prompts[prompt] = (g, len(tokens) - 1)
+        g, last = prompts[prompt]
+        response = [t for t, r in zip(row[prompt_len:], real[prompt_len:]) if r]
+        for j, t in enumerate(response):
+            prev.append(last if j == 0 else len(tokens) - 1)
+            rows.append(b)
+            cols.append(j)
+            tokens.append(t)
+            pos.append(len(prompt) + j)
+            seg.append(b)
+            group.append(g)
+    seg_t, group_t = torch.tensor(seg), torch.tensor(group)  # (L,) each
+    n = len(tokens)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()  # (L, L) query i, key j <= i
+    own_prompt = (seg_t[None, :] < 0) & (group_t[None, :] == group_t[:, None])
+    visible = causal & ((seg_t[None, :] == seg_t[:, None]) | own_prompt)
+    device = ids.device
+    as_row = lambda v: torch.tensor(v, dtype=torch.long, device=device)[None]  # noqa: E731
+    return PackedRollout(input_ids=as_row(tokens), position_ids=as_row(pos),
+                         attention_mask=visible[None, None].to(device), prev=as_row(prev)[0],
+                         rows=as_row(rows)[0], cols=as_row(cols)[0])
+
+
 class PolicyValue(nn.Module):
     """forward(ids (B, P+T), mask (B, P+T), prompt_len P, response_mask (B, T)) -> (logp, values).
 
     ``value_model``: a separate sequence classifier (its backbone + scalar head give V at every
     position); ``value_head``: a Linear(H, 1) on the policy's own hidden states (shared backbone);
     neither: values is None (GRPO/RLOO). The module the optimiser and DDP see.
+
+    ``pack`` (default): the backbones run on :func:`pack_rollout`'s single row instead of the padded
+    batch: no padding, and a GRPO group's prompt once. Before the first packed pass, a few rows
+    run both ways under no_grad; a model whose results differ (one that ignores a 4D mask or
+    explicit positions) keeps the padded batch from then on.
     """
 
     def __init__(self, policy: nn.Module, *, temperature: float = 1.0, value_model: nn.Module | None = None,
-                 value_head: nn.Module | None = None):
+                 value_head: nn.Module | None = None, pack: bool = True):
         super().__init__()
         self.policy, self.value_model, self.value_head = policy, value_model, value_head
         self.temperature = temperature
+        self.pack = pack
 
     def forward(self, ids, mask, prompt_len: int, response_mask, with_entropy: bool = False,
                 with_values: bool = True):
         """(logp, values) or, ``with_entropy``, (logp, values, entropy): (B, T) each. ``with_values=False``
         skips the value role (values is None): the reference pass needs only log-probs, and a separate
         value model's backbone would cost a second forward."""
+        packed = None
+        # the batch's real tokens bound the packed row's length
+        if self.pack and int(mask.sum()) <= MAX_PACKED_TOKENS and self._packing_works(ids, mask, prompt_len, response_mask, with_values):
+            packed = pack_rollout(ids, mask, prompt_len, response_mask)
+        return self._forward(ids, mask, prompt_len, response_mask, packed, with_entropy, with_values)
+
+    def _forward(self, ids, mask, prompt_len: int, response_mask, packed: PackedRollout | None,
+                 with_entropy: bool, with_values: bool):
         backbone, head = _backbone_and_head(self.policy)
-        embed, slot = tied_inputs(_causal_lm(self.policy), backbone, ids)  # a tied table: one gradient buffer
-        hidden = _hidden(backbone, embed, mask)  # (B, L, H)
-        states = hidden[:, prompt_len - 1:-1]  # (B, T, H): the state before each response token
-        targets = ids[:, prompt_len:]  # (B, T)
-        rows, cols = response_mask.bool().nonzero(as_tuple=True)  # (N,)
-        sel = states[rows, cols] / self.temperature  # (N, H): logits/τ = (h/τ)Wᵀ (+ b/τ)
+        if packed is None:
+            rows, cols = response_mask.bool().nonzero(as_tuple=True)  # (N,)
+            embed, slot = tied_inputs(_causal_lm(self.policy), backbone, ids)  # a tied table: one gradient buffer
+            states = _hidden(backbone, embed, mask)[:, prompt_len - 1:-1]  # (B, T, H): the state before each token
+            sel = states[rows, cols]  # (N, H)
+        else:
+            rows, cols = packed.rows, packed.cols
+            embed, slot = tied_inputs(_causal_lm(self.policy), backbone, packed.input_ids)
+            hidden = backbone(**embed, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
+                              use_cache=False).last_hidden_state[0]  # (L, H)
+            sel = hidden[packed.prev]  # (N, H)
+        targets = ids[:, prompt_len:][rows, cols]  # (N,)
         bias = None if head.bias is None else head.bias / self.temperature
-        # the entropy statistic comes from the softmax the log-prob op computes anyway (no second head pass)
-        out = linear_token_logprobs(sel, head.weight, bias, targets[rows, cols], return_entropy=with_entropy,
-                                    _weight_grad_slot=slot)
+        # logits/τ = (h/τ)Wᵀ (+ b/τ); the entropy statistic comes from the softmax the log-prob op
+        # computes anyway (no second head pass)
+        out = linear_token_logprobs(sel / self.temperature, head.weight, bias, targets,
+                                    return_entropy=with_entropy, _weight_grad_slot=slot)
         logps, ent = out if with_entropy else (out, None)  # (N,) each
-        logp = torch.zeros(response_mask.shape, dtype=logps.dtype, device=ids.device).index_put((rows, cols), logps)
+        per_token = lambda v: torch.zeros(response_mask.shape, dtype=v.dtype, device=ids.device).index_put(  # noqa: E731
+            (rows, cols), v)  # (N,) -> (B, T), 0 off the response
         values = None
         if with_values and self.value_head is not None:
-            values = self.value_head(states).squeeze(-1).float()  # (B, T)
+            values = per_token(self.value_head(sel).squeeze(-1).float())  # (B, T)
         elif with_values and self.value_model is not None:
             from ..reward_model import _parts
 
             v_backbone, v_head = _parts(self.value_model)
-            values = v_head(_hidden(v_backbone, {"input_ids": ids}, mask)[:, prompt_len - 1:-1]).squeeze(-1).float()  # (B, T)
-        if values is not None:
-            values = values * response_mask
-        if not with_entropy:
-            return logp, values
-        entropy = torch.zeros(response_mask.shape, dtype=ent.dtype, device=ids.device).index_put((rows, cols), ent)
-        return logp, values, entropy
+            if packed is None:
+                v_sel = _hidden(v_backbone, {"input_ids": ids}, mask)[:, prompt_len - 1:-1][rows, cols]  # (N, H)
+            else:
+                v_sel = v_backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                   position_ids=packed.position_ids, use_cache=False).last_hidden_state[0][packed.prev]
+            values = per_token(v_head(v_sel).squeeze(-1).float())  # (B, T)
+        logp = per_token(logps)
+        return (logp, values) if not with_entropy else (logp, values, per_token(ent))
+
+    def _packing_works(self, ids, mask, prompt_len, response_mask, with_values: bool) -> bool:
+        """Do up to 3 rows (8 response tokens each) give the same log-probs (and values) packed as
+        padded? Checked once per model (DPO's layout_matches does the same for its layouts)."""
+        roles = [(self.policy, 0)] + ([(self.value_model, 1)] if with_values and self.value_model is not None else [])
+        if any(model not in _PACKS for model, _ in roles):
+            n, t = min(3, ids.shape[0]), min(8, response_mask.shape[1])
+            few = (ids[:n, :prompt_len + t], mask[:n, :prompt_len + t], prompt_len, response_mask[:n, :t])
+            was_training = self.training
+            self.eval()  # no dropout: the two passes must see the same network
+            try:  # a check of the layout, not of bf16 rounding: at full precision
+                with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
+                    padded = self._forward(*few, None, False, with_values)
+                    packed = self._forward(*few, pack_rollout(*few), False, with_values)
+            finally:
+                self.train(was_training)
+            for model, i in roles:
+                _PACKS[model] = torch.allclose(padded[i].float(), packed[i].float(), rtol=1e-4, atol=1e-3)
+        return all(_PACKS[model] for model, _ in roles)
+
+
+# policy or value model -> whether its packed pass gives the padded results (PolicyValue._packing_works)
+_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
