@@ -372,30 +372,41 @@ def test_tied_embedding_gradients_equal_stock_autograd(tokenizer, monkeypatch):
 
 
 def test_pack_rollout_golden():
-    """Rows 0 and 2 answer the same prompt [5, 6] (stored once); row 1 answers [7] (left-padded).
-    Responses 2, 1 and 3 tokens long (right-padded with 0)."""
-    from alignkit.train.rl_common import pack_rollout
+    """Rows 0 and 2 answer the same prompt [5, 6] (one group row, the prompt once); row 1 answers [7]
+    (left-padded). Responses 2, 1 and 3 tokens long (right-padded with 0). Group rows pad to 7 with 9."""
+    from alignkit.train.rl_common import pack_rollout, packing_pays
 
     ids = torch.tensor([[0, 5, 6, 11, 12, 0], [0, 0, 7, 21, 0, 0], [0, 5, 6, 31, 32, 33]])
     mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
-    pk = pack_rollout(ids, mask, 3, mask[:, 3:].float())
-    # positions: 0 1 | 2 3 | 4 | 5 | 6 7 8
-    assert pk.input_ids.tolist() == [[5, 6, 11, 12, 7, 21, 31, 32, 33]]
-    assert pk.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4]]
-    assert pk.prev.tolist() == [1, 2, 4, 1, 6, 7]  # first response token from its prompt's last token
-    assert pk.rows.tolist() == [0, 0, 1, 2, 2, 2] and pk.cols.tolist() == [0, 1, 0, 0, 1, 2]
-    vis = pk.attention_mask[0, 0].int()
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0, 0, 0],  # 5   prompt A
-        [1, 1, 0, 0, 0, 0, 0, 0, 0],  # 6
-        [1, 1, 1, 0, 0, 0, 0, 0, 0],  # 11  row 0: prompt A + itself
-        [1, 1, 1, 1, 0, 0, 0, 0, 0],  # 12
-        [0, 0, 0, 0, 1, 0, 0, 0, 0],  # 7   prompt B
-        [0, 0, 0, 0, 1, 1, 0, 0, 0],  # 21  row 1
-        [1, 1, 0, 0, 0, 0, 1, 0, 0],  # 31  row 2: prompt A, not row 0's response
-        [1, 1, 0, 0, 0, 0, 1, 1, 0],  # 32
-        [1, 1, 0, 0, 0, 0, 1, 1, 1]])  # 33
-    assert torch.equal(vis, expected)
+    pk = pack_rollout(ids, mask, 3, mask[:, 3:].float(), pad_token_id=9)
+    assert pk.input_ids.tolist() == [[5, 6, 11, 12, 31, 32, 33], [7, 21, 9, 9, 9, 9, 9]]
+    assert pk.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 0, 1, 2, 3, 4]]
+    assert pk.prev.tolist() == [1, 2, 1, 4, 5, 7]  # flat (G*L); a first response token comes from its prompt's end
+    assert pk.rows.tolist() == [0, 0, 2, 2, 2, 1] and pk.cols.tolist() == [0, 1, 0, 1, 2, 0]
+    group_a = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0],  # 5   prompt
+        [1, 1, 0, 0, 0, 0, 0],  # 6
+        [1, 1, 1, 0, 0, 0, 0],  # 11  row 0: the prompt and itself
+        [1, 1, 1, 1, 0, 0, 0],  # 12
+        [1, 1, 0, 0, 1, 0, 0],  # 31  row 2: the prompt, not row 0's response
+        [1, 1, 0, 0, 1, 1, 0],  # 32
+        [1, 1, 0, 0, 1, 1, 1]])  # 33
+    group_b = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0],  # 7   prompt
+        [1, 1, 0, 0, 0, 0, 0],  # 21  row 1
+        [1, 0, 1, 0, 0, 0, 0],  # padding: never read, but never a query with nothing to attend to
+        [1, 0, 1, 1, 0, 0, 0],
+        [1, 0, 1, 1, 1, 0, 0],
+        [1, 0, 1, 1, 1, 1, 0],
+        [1, 0, 1, 1, 1, 1, 1]])
+    assert pk.attention_mask.shape == (2, 1, 7, 7)
+    assert torch.equal(pk.attention_mask[0, 0].int(), group_a) and torch.equal(pk.attention_mask[1, 0].int(), group_b)
+    # cost: 6H·tokens + Σ L²; packed 6·8·14 + 2·49 = 770 vs padded 6·8·18 + 3·36 = 972 at H = 8
+    assert packing_pays(pk, (3, 6), hidden_size=8)
+    # K long responses to one short prompt in a single row: its L² attention outgrows what packing saves
+    long = torch.ones(16, 2 + 40, dtype=torch.long)
+    long_pk = pack_rollout(long, torch.ones_like(long), 2, torch.ones(16, 40))
+    assert long_pk.input_ids.shape == (1, 2 + 16 * 40) and not packing_pays(long_pk, (16, 42), hidden_size=8)
 
 
 @pytest.mark.parametrize("value", ["none", "shared", "separate"])
@@ -425,7 +436,9 @@ def test_packed_policy_value_equals_padded(tokenizer, value, monkeypatch):
     ids[1, :p], mask[1, :p] = ids[0, :p], mask[0, :p]  # rows 0, 1 and 3 answer one prompt
     ids[3, :p], mask[3, :p] = ids[0, :p], mask[0, :p]
     packed_mod, padded_mod = PolicyValue(policy, temperature=0.7, **kw), PolicyValue(policy, temperature=0.7, pack=False, **kw)
-    assert rl_common.pack_rollout(ids, mask, p, rmask).input_ids.shape[1] == 5 + 4 + 6 + 2 + 5 + 4  # prompts 5 and 4, responses
+    pk = rl_common.pack_rollout(ids, mask, p, rmask)
+    assert pk.input_ids.shape == (2, 5 + 6 + 2 + 4)  # rows 0, 1, 3 with their prompt; row 2 shorter
+    assert rl_common.packing_pays(pk, tuple(ids.shape), policy.config.hidden_size)
 
     def run(module):
         module.zero_grad(set_to_none=True)
@@ -456,14 +469,14 @@ def test_a_model_that_packs_wrongly_keeps_padded_rows(tokenizer, monkeypatch):
 
     policy = make_tiny_llama(len(tokenizer))
     ids, mask, p, rmask = _rollout_batch(len(tokenizer))
+    ids[1, :p], mask[1, :p] = ids[0, :p], mask[0, :p]  # rows 0 and 1 share a prompt, so a group row has two responses
     with torch.no_grad():
         expected = PolicyValue(policy, pack=False)(ids, mask, p, rmask)[0]
     real = rl_common.pack_rollout
 
     def leaky(*args):
         out = real(*args)
-        n = out.input_ids.shape[1]
-        out.attention_mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        out.attention_mask = torch.ones_like(out.attention_mask).tril()  # row 1's response sees row 0's
         return out
 
     monkeypatch.setattr(rl_common, "pack_rollout", leaky)

@@ -520,22 +520,26 @@ def test_few_rows_linear_equals_linear(shape, with_bias):
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-12, atol=1e-12)
 
 
-def test_generate_puts_the_lm_head_back(policy, prompt_ids):
-    """During decoding the head runs few_rows_linear; afterwards (also after an error in the loop) the
-    head is a plain nn.Linear again. A head whose forward an instance already replaced is left alone."""
+def test_generate_puts_the_linears_back(policy, prompt_ids):
+    """During decoding every linear layer and the head run few_rows_linear; afterwards (also after an
+    error in the loop) they are plain nn.Linear again. A layer whose forward an instance already
+    replaced is left alone."""
     import importlib
 
     gen_mod = importlib.import_module("alignkit.rollout.generate")  # the module; the package re-exports the function
     head = policy.get_output_embeddings()
+    linears = [m for m in policy.modules() if isinstance(m, torch.nn.Linear)]
     seen = []
     orig = gen_mod.few_rows_linear
-    gen_mod.few_rows_linear = lambda x, w, b=None: seen.append(x.shape) or orig(x, w, b)
+    gen_mod.few_rows_linear = lambda x, w, b=None: seen.append((x.shape, w is head.weight)) or orig(x, w, b)
     try:
         generate(policy, prompt_ids, max_new_tokens=3, eos_token_id=_unused_id(torch.tensor([0])), greedy=True)
     finally:
         gen_mod.few_rows_linear = orig
-    assert seen[0] == (3, 1, policy.config.hidden_size) and len(seen) == 3  # prefill (last position) + 2 steps
-    assert "forward" not in vars(head)
+    on_head = [shape for shape, is_head in seen if is_head]
+    assert on_head == [(3, 1, policy.config.hidden_size)] * 3  # prefill (last position) + 2 steps
+    assert len(seen) == 3 * len(linears)  # prefill, 2 steps: every linear each time
+    assert not any("forward" in vars(m) for m in linears)
 
     def broken(*a, **k):
         raise RuntimeError("boom")
@@ -543,7 +547,7 @@ def test_generate_puts_the_lm_head_back(policy, prompt_ids):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(gen_mod, "_forward", broken)
             generate(policy, prompt_ids, max_new_tokens=3, eos_token_id=5, greedy=True)
-    assert "forward" not in vars(head)
+    assert not any("forward" in vars(m) for m in linears)
 
     calls = []
     head.forward = lambda x: calls.append(1) or torch.nn.functional.linear(x, head.weight, head.bias)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -165,7 +166,7 @@ def _eos_ids(eos_token_id, device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-# Up to this many rows, a CPU LM head runs as (W @ h^T)^T; see few_rows_linear.
+# Up to this many rows, a CPU linear layer runs as (W @ h^T)^T while decoding; see few_rows_linear.
 FEW_ROWS = 32
 
 
@@ -173,11 +174,12 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """``F.linear(x, weight, bias)`` computed as ``(weight @ x^T)^T`` when x (..., H) has at most
     :data:`FEW_ROWS` rows; weight (V, H), bias (V,); returns (..., V), contiguous.
 
-    Each decoding step puts B rows (8 in a GRPO step) through the LM head. For that shape CPU
-    ``F.linear`` runs at a fraction of the matmul rate (it copies the whole (V, H) weight into its
-    own layout each call); measured here, 8 rows through a (49152, 576) head: 17.8 ms against
-    7.4 ms, and through a (49152, 256) head 11.3 ms against 3.3 ms. From ~64 rows on, F.linear is
-    the faster one, so larger inputs go to it unchanged. Same products, summed in another order.
+    Each decoding step puts B rows (8 in a GRPO step) through every linear layer. For so few rows
+    CPU ``F.linear`` (x W^T) runs at a fraction of the rate of W x^T, which reads W's rows in
+    order; measured here, 8 rows through a (49152, 576) LM head: 17.8 ms against 7.4 ms, through a
+    (49152, 256) head 11.3 ms against 3.3 ms, and through SmolLM2's 210 layer linears ~15% less
+    time. From ~64 rows on F.linear is the faster one, so larger inputs go to it unchanged. Same
+    products, summed in another order.
     """
     rows = x.numel() // x.shape[-1]
     if rows > FEW_ROWS:
@@ -187,20 +189,29 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out.T.contiguous().reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _few_rows_head(model) -> Callable[[], None]:
-    """Make the model's LM head (a plain ``nn.Linear`` on the CPU) run :func:`few_rows_linear` while
-    decoding; returns the function that undoes it. The model's own forward, and anything it does to
-    the logits after the head, is unchanged. A head whose forward is already replaced on the
-    instance (accelerate's offloading hooks do that) is left alone."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not (isinstance(head, torch.nn.Linear) and "forward" not in vars(head) and head.weight.device.type == "cpu"):
-        return lambda: None
-    head.forward = lambda x: few_rows_linear(x, head.weight, head.bias)
+def _few_rows_linears(model) -> Callable[[], None]:
+    """Make the model's plain ``nn.Linear`` layers on the CPU, the LM head among them, run
+    :func:`few_rows_linear` while decoding; returns the function that undoes it. The model's own
+    forward, and anything it does around those layers, is unchanged. A layer whose forward is already
+    replaced on the instance (accelerate's offloading hooks do that) is left alone.
+
+    Measured on SmolLM2-135M (8 rows, 64 new tokens, fp32): 5.74 -> 5.39 s per generation with the
+    head alone, 5.45 -> 4.99 s (medians of 4) when the other 210 linears do the same."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" not in vars(m)
+              and (type(m) is torch.nn.Linear or m is model.get_output_embeddings())
+              and m.weight.device.type == "cpu"]
+    for layer in layers:
+        layer.forward = partial(_linear_forward, layer)
 
     def restore() -> None:
-        del head.forward
+        for layer in layers:
+            del layer.forward
 
     return restore
+
+
+def _linear_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return few_rows_linear(x, layer.weight, layer.bias)
 
 
 def _forward(model, ids, mask, positions, cache, keep_last: bool) -> torch.Tensor:
@@ -261,7 +272,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     batch = prompt.shape[0]
     was_training = model.training
     model.eval()
-    restore_head = _few_rows_head(model)
+    restore_linears = _few_rows_linears(model)
     try:
         width = prompt.shape[1]  # P
         cache, static = _new_cache(model, width + max_new_tokens)
@@ -307,7 +318,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
             logits = _forward(model, token[:, None], mask, next_pos, cache, False)
             next_pos = next_pos + 1
     finally:
-        restore_head()
+        restore_linears()
         model.train(was_training)
     response_mask = torch.stack(live, dim=1).long()  # (B, T)
     return Rollout(prompt_ids=prompt, prompt_mask=prompt_mask, response_ids=torch.stack(tokens, dim=1),

@@ -44,22 +44,20 @@ def _hidden(backbone, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
     return backbone(**inputs, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
 
-# A packed row longer than this goes padded instead: its (L, L) mask grows with the square.
-MAX_PACKED_TOKENS = 4096
-
-
 @dataclass
 class PackedRollout:
-    """A rollout batch as ONE row: each distinct prompt once, then the real tokens of every response to it.
+    """A rollout batch with each distinct prompt run once: one row per prompt (a "group"), holding the
+    prompt's real tokens and then the real tokens of every response to it; rows right-padded to L.
 
-    input_ids, position_ids  (1, L)        L = Σ distinct prompts' real tokens + Σ real response tokens
-    attention_mask           (1, 1, L, L)  bool: a prompt token sees its prompt's earlier tokens; a
-                                           response token sees its whole prompt and its own earlier tokens
-    prev                     (N,)          the position whose hidden state predicts each response token:
-                                           the prompt's last token for the first, else the token before
+    input_ids, position_ids  (G, L)        G distinct prompts; L = the longest group
+    attention_mask           (G, 1, L, L)  bool: a prompt token sees its prompt's earlier tokens; a
+                                           response token sees its prompt and its own earlier tokens;
+                                           a padding token sees the prompt and the padding up to
+                                           itself (it is never read)
+    prev                     (N,)          flat index into (G·L) of the state predicting each response
+                                           token: the prompt's last token for the first, else the previous
     rows, cols               (N,)          where those N tokens sit in the (B, T) response coordinates
-    Positions continue the prompt's, so every response sees exactly the context it has alone; a
-    GRPO group of K responses to one prompt costs P + ΣT_k tokens instead of K·(P + T).
+    Positions continue the prompt's, so every response sees exactly the context it has alone.
     """
 
     input_ids: torch.Tensor
@@ -71,41 +69,48 @@ class PackedRollout:
 
 
 def pack_rollout(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
-                 response_mask: torch.Tensor) -> PackedRollout:
+                 response_mask: torch.Tensor, pad_token_id: int = 0) -> PackedRollout:
     """Pack ``[prompt (B, P) left-padded | response (B, T) right-padded]`` into a :class:`PackedRollout`.
     Rows whose real prompt tokens are equal share one copy of the prompt."""
-    ids_l, mask_l = ids.tolist(), mask.bool().tolist()
-    tokens, pos, seg, group, prev, rows, cols = [], [], [], [], [], [], []
-    prompts: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> (group id, position of its last token)
-    for b, (row, real) in enumerate(zip(ids_l, mask_l)):
-        prompt = tuple(t for t, r in zip(row[:prompt_len], real[:prompt_len]) if r)
-        if prompt not in prompts:
-            g = len(prompts)
-            tokens += prompt
-            pos += range(len(prompt))
-            seg += [-1 - g] * len(prompt)
-            group += [g] * len(prompt)
-            prompts[prompt] = (g, len(tokens) - 1)
-        g, last = prompts[prompt]
-        response = [t for t, r in zip(row[prompt_len:], real[prompt_len:]) if r]
-        for j, t in enumerate(response):
-            prev.append(last if j == 0 else len(tokens) - 1)
-            rows.append(b)
-            cols.append(j)
-            tokens.append(t)
-            pos.append(len(prompt) + j)
-            seg.append(b)
-            group.append(g)
-    seg_t, group_t = torch.tensor(seg), torch.tensor(group)  # (L,) each
-    n = len(tokens)
-    causal = torch.ones(n, n, dtype=torch.bool).tril()  # (L, L) query i, key j <= i
-    own_prompt = (seg_t[None, :] < 0) & (group_t[None, :] == group_t[:, None])
-    visible = causal & ((seg_t[None, :] == seg_t[:, None]) | own_prompt)
-    device = ids.device
-    as_row = lambda v: torch.tensor(v, dtype=torch.long, device=device)[None]  # noqa: E731
-    return PackedRollout(input_ids=as_row(tokens), position_ids=as_row(pos),
-                         attention_mask=visible[None, None].to(device), prev=as_row(prev)[0],
-                         rows=as_row(rows)[0], cols=as_row(cols)[0])
+    groups: dict[tuple[int, ...], list[int]] = {}  # prompt -> rows answering it, in order of first appearance
+    responses = []
+    for b, (row, real) in enumerate(zip(ids.tolist(), mask.bool().tolist())):
+        groups.setdefault(tuple(t for t, r in zip(row[:prompt_len], real[:prompt_len]) if r), []).append(b)
+        responses.append([t for t, r in zip(row[prompt_len:], real[prompt_len:]) if r])
+    width = max(len(prompt) + sum(len(responses[b]) for b in members) for prompt, members in groups.items())
+    tokens, pos, seg, prev, rows, cols = [], [], [], [], [], []  # seg: -1 prompt, k response k, -2 padding
+    for g, (prompt, members) in enumerate(groups.items()):
+        start = g * width
+        t, q, s = list(prompt), list(range(len(prompt))), [-1] * len(prompt)
+        for k, b in enumerate(members):
+            for j, token in enumerate(responses[b]):
+                prev.append(start + (len(prompt) - 1 if j == 0 else len(t) - 1))
+                rows.append(b)
+                cols.append(j)
+                t.append(token)
+                q.append(len(prompt) + j)
+                s.append(k)
+        fill = width - len(t)
+        tokens.append(t + [pad_token_id] * fill)
+        pos.append(q + list(range(fill)))
+        seg.append(s + [-2] * fill)
+    seg_t = torch.tensor(seg)  # (G, L)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (L, L) query i, key j <= i
+    visible = causal & ((seg_t[:, None, :] == seg_t[:, :, None]) | (seg_t[:, None, :] == -1))  # (G, L, L)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=ids.device)  # noqa: E731
+    return PackedRollout(input_ids=as_long(tokens), position_ids=as_long(pos),
+                         attention_mask=visible[:, None].to(ids.device), prev=as_long(prev),
+                         rows=as_long(rows), cols=as_long(cols))
+
+
+def packing_pays(packed: PackedRollout, padded_shape: tuple[int, int], hidden_size: int) -> bool:
+    """Is the packed pass cheaper than the padded one? Per layer, the linear maps cost ~24·H² FLOPs
+    per token (4H² attention projections, 2 x 3·H·I for the MLP with I ~ 2.7H) and attention ~4·H per
+    (query, key) pair, masked pairs included (the kernels skip none). Packing saves the repeated
+    prompts and the padding, but a group's row is long: K responses in one row attend over K times
+    more pairs. So: 6H·tokens + Σ rows L² against the same for the padded (B, P+T) batch."""
+    (g, width), (b, full) = packed.input_ids.shape, padded_shape
+    return 6 * hidden_size * g * width + g * width ** 2 < 6 * hidden_size * b * full + b * full ** 2
 
 
 class PolicyValue(nn.Module):
@@ -134,9 +139,10 @@ class PolicyValue(nn.Module):
         skips the value role (values is None): the reference pass needs only log-probs, and a separate
         value model's backbone would cost a second forward."""
         packed = None
-        # the batch's real tokens bound the packed row's length
-        if self.pack and int(mask.sum()) <= MAX_PACKED_TOKENS and self._packing_works(ids, mask, prompt_len, response_mask, with_values):
+        if self.pack and self._packing_works(ids, mask, prompt_len, response_mask, with_values):
             packed = pack_rollout(ids, mask, prompt_len, response_mask)
+            if not packing_pays(packed, tuple(ids.shape), self.policy.config.hidden_size):
+                packed = None
         return self._forward(ids, mask, prompt_len, response_mask, packed, with_entropy, with_values)
 
     def _forward(self, ids, mask, prompt_len: int, response_mask, packed: PackedRollout | None,
@@ -151,8 +157,8 @@ class PolicyValue(nn.Module):
             rows, cols = packed.rows, packed.cols
             embed, slot = tied_inputs(_causal_lm(self.policy), backbone, packed.input_ids)
             hidden = backbone(**embed, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
-                              use_cache=False).last_hidden_state[0]  # (L, H)
-            sel = hidden[packed.prev]  # (N, H)
+                              use_cache=False).last_hidden_state  # (G, L, H)
+            sel = hidden.flatten(0, 1)[packed.prev]  # (N, H)
         targets = ids[:, prompt_len:][rows, cols]  # (N,)
         bias = None if head.bias is None else head.bias / self.temperature
         # logits/τ = (h/τ)Wᵀ (+ b/τ); the entropy statistic comes from the softmax the log-prob op
@@ -173,7 +179,8 @@ class PolicyValue(nn.Module):
                 v_sel = _hidden(v_backbone, {"input_ids": ids}, mask)[:, prompt_len - 1:-1][rows, cols]  # (N, H)
             else:
                 v_sel = v_backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                                   position_ids=packed.position_ids, use_cache=False).last_hidden_state[0][packed.prev]
+                                   position_ids=packed.position_ids,
+                                   use_cache=False).last_hidden_state.flatten(0, 1)[packed.prev]  # (N, H)
             values = per_token(v_head(v_sel).squeeze(-1).float())  # (B, T)
         logp = per_token(logps)
         return (logp, values) if not with_entropy else (logp, values, per_token(ent))
