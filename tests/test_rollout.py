@@ -534,12 +534,16 @@ def test_generate_puts_the_linears_back(policy, prompt_ids):
     gen_mod.few_rows_linear = lambda x, w, b=None: seen.append((x.shape, w is head.weight)) or orig(x, w, b)
     try:
         generate(policy, prompt_ids, max_new_tokens=3, eos_token_id=_unused_id(torch.tensor([0])), greedy=True)
+        on_head = [shape for shape, is_head in seen if is_head]
+        assert on_head == [(3, 1, policy.config.hidden_size)] * 3  # prefill (last position) + 2 steps
+        assert len(seen) == 3 * len(linears)  # prefill, 2 steps: every linear each time
+        assert not any("forward" in vars(m) for m in linears)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # slower there: bf16 keeps F.linear
+            generate(policy, prompt_ids, max_new_tokens=3, eos_token_id=_unused_id(torch.tensor([0])), greedy=True)
+        assert seen == []
     finally:
         gen_mod.few_rows_linear = orig
-    on_head = [shape for shape, is_head in seen if is_head]
-    assert on_head == [(3, 1, policy.config.hidden_size)] * 3  # prefill (last position) + 2 steps
-    assert len(seen) == 3 * len(linears)  # prefill, 2 steps: every linear each time
-    assert not any("forward" in vars(m) for m in linears)
 
     def broken(*a, **k):
         raise RuntimeError("boom")
