@@ -175,11 +175,11 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     :data:`FEW_ROWS` rows; weight (V, H), bias (V,); returns (..., V), contiguous.
 
     Each decoding step puts B rows (8 in a GRPO step) through every linear layer. For so few rows
-    CPU ``F.linear`` (x W^T) runs at a fraction of the rate of W x^T, which reads W's rows in
-    order; measured here, 8 rows through a (49152, 576) LM head: 17.8 ms against 7.4 ms, through a
-    (49152, 256) head 11.3 ms against 3.3 ms, and through SmolLM2's 210 layer linears 42.6 against
-    40.6 ms (35.6 without the contiguous copy of the result that this function makes). From ~64 rows on F.linear is the faster one, so larger inputs go to it unchanged. Same
-    products, summed in another order.
+    CPU ``F.linear`` (x W^T) was slower here than W x^T, which reads W's rows in order: 8 rows
+    through a (49152, 576) LM head 17.8 ms against 7.4 ms, through a (49152, 256) head 11.3 ms
+    against 3.3 ms, through SmolLM2's 210 layer linears 42.6 against 40.6 ms (35.6 without the
+    contiguous copy of the result that this function makes). From ~64 rows on F.linear is the
+    faster one, so larger inputs go to it unchanged. Same products, summed in another order.
     """
     rows = x.numel() // x.shape[-1]
     if rows > FEW_ROWS:

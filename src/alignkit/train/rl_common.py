@@ -141,7 +141,8 @@ class PolicyValue(nn.Module):
         packed = None
         if self.pack and self._packing_works(ids, mask, prompt_len, response_mask, with_values):
             packed = pack_rollout(ids, mask, prompt_len, response_mask)
-            if not packing_pays(packed, tuple(ids.shape), self.policy.config.hidden_size):
+            hidden_size = _backbone_and_head(self.policy)[1].weight.shape[1]  # the head is (V, H)
+            if not packing_pays(packed, tuple(ids.shape), hidden_size):
                 packed = None
         return self._forward(ids, mask, prompt_len, response_mask, packed, with_entropy, with_values)
 
