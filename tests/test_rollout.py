@@ -520,30 +520,31 @@ def test_few_rows_linear_equals_linear(shape, with_bias):
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-12, atol=1e-12)
 
 
-def test_generate_puts_the_linears_back(policy, prompt_ids):
-    """During decoding every linear layer and the head run few_rows_linear; afterwards (also after an
-    error in the loop) they are plain nn.Linear again. A layer whose forward an instance already
-    replaced is left alone."""
+@pytest.mark.parametrize("prepack", [True, False])
+def test_generate_puts_the_linears_back(policy, prompt_ids, monkeypatch, prepack):
+    """During decoding every linear layer and the head run the decode product (oneDNN's on prepacked
+    weights, or few_rows_linear); afterwards (also after an error in the loop) they are plain
+    nn.Linear again; under bf16 autocast they are not swapped. A layer whose forward an instance
+    already replaced is left alone."""
     import importlib
 
     gen_mod = importlib.import_module("alignkit.rollout.generate")  # the module; the package re-exports the function
+    monkeypatch.setattr(gen_mod, "PREPACK", prepack)
     head = policy.get_output_embeddings()
     linears = [m for m in policy.modules() if isinstance(m, torch.nn.Linear)]
     seen = []
-    orig = gen_mod.few_rows_linear
-    gen_mod.few_rows_linear = lambda x, w, b=None: seen.append((x.shape, w is head.weight)) or orig(x, w, b)
-    try:
+    name = "prepacked_linear" if prepack else "few_rows_linear"
+    orig = getattr(gen_mod, name)
+    monkeypatch.setattr(gen_mod, name, lambda x, *args, **kw: seen.append(x.shape) or orig(x, *args, **kw))
+    generate(policy, prompt_ids, max_new_tokens=3, eos_token_id=_unused_id(torch.tensor([0])), greedy=True)
+    assert len(seen) == 3 * len(linears)  # prefill, 2 steps: every linear each time
+    # one position per row: the 2 decode steps' every linear, and the head at the prefill's last position
+    assert sum(shape[:2] == (3, 1) for shape in seen) == 2 * len(linears) + 1
+    assert not any("forward" in vars(m) for m in linears)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (W h^T)^T was slower there: bf16 keeps F.linear
         generate(policy, prompt_ids, max_new_tokens=3, eos_token_id=_unused_id(torch.tensor([0])), greedy=True)
-        on_head = [shape for shape, is_head in seen if is_head]
-        assert on_head == [(3, 1, policy.config.hidden_size)] * 3  # prefill (last position) + 2 steps
-        assert len(seen) == 3 * len(linears)  # prefill, 2 steps: every linear each time
-        assert not any("forward" in vars(m) for m in linears)
-        seen.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # slower there: bf16 keeps F.linear
-            generate(policy, prompt_ids, max_new_tokens=3, eos_token_id=_unused_id(torch.tensor([0])), greedy=True)
-        assert seen == []
-    finally:
-        gen_mod.few_rows_linear = orig
+    assert seen == []
 
     def broken(*a, **k):
         raise RuntimeError("boom")
@@ -560,3 +561,21 @@ def test_generate_puts_the_linears_back(policy, prompt_ids):
         assert len(calls) == 2 and "forward" in vars(head)
     finally:
         del head.forward
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 24), (40, 24), (3, 5, 24)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_prepacked_linear_equals_linear(shape, with_bias):
+    """oneDNN's product on the weight blocked for 8-row inputs equals F.linear (float32, to rounding),
+    for other row counts too (the prefill), 2-D and 3-D."""
+    from alignkit.rollout.generate import _prepack, prepacked_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(50, 24, generator=g)
+    b = torch.randn(50, generator=g) if with_bias else None
+    packed = _prepack(w, 8)
+    assert packed is not None  # this torch build (2.13 CPU) has the op; the decode relies on it
+    out = prepacked_linear(x, packed, b)
+    assert out.shape == (*shape[:-1], 50)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
