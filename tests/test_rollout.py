@@ -524,8 +524,8 @@ def test_few_rows_linear_equals_linear(shape, with_bias):
 def test_generate_puts_the_linears_back(policy, prompt_ids, monkeypatch, prepack):
     """During decoding every linear layer and the head run the decode product (oneDNN's on prepacked
     weights, or few_rows_linear); afterwards (also after an error in the loop) they are plain
-    nn.Linear again; under bf16 autocast they are not swapped. A layer whose forward an instance
-    already replaced is left alone."""
+    nn.Linear again. Under bf16 autocast only the prepacked product is used. A layer whose forward an
+    instance already replaced is left alone."""
     import importlib
 
     gen_mod = importlib.import_module("alignkit.rollout.generate")  # the module; the package re-exports the function
@@ -542,9 +542,10 @@ def test_generate_puts_the_linears_back(policy, prompt_ids, monkeypatch, prepack
     assert sum(shape[:2] == (3, 1) for shape in seen) == 2 * len(linears) + 1
     assert not any("forward" in vars(m) for m in linears)
     seen.clear()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # (W h^T)^T was slower there: bf16 keeps F.linear
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 prepacked copy; (W h^T)^T was slower there: F.linear
         generate(policy, prompt_ids, max_new_tokens=3, eos_token_id=_unused_id(torch.tensor([0])), greedy=True)
-    assert seen == []
+    assert len(seen) == (3 * len(linears) if prepack else 0)
+    assert not any("forward" in vars(m) for m in linears)
 
     def broken(*a, **k):
         raise RuntimeError("boom")
@@ -579,3 +580,19 @@ def test_prepacked_linear_equals_linear(shape, with_bias):
     out = prepacked_linear(x, packed, b)
     assert out.shape == (*shape[:-1], 50)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_prepacked_bf16_linear_matches_autocast():
+    """Under bf16 autocast the decode casts input and weight to bf16, as autocast's F.linear does: the
+    same bf16 output to bf16 rounding of a 24-term sum."""
+    from alignkit.rollout.generate import _prepack, prepacked_linear
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(8, 1, 24, generator=g), torch.randn(50, 24, generator=g), torch.randn(50, generator=g)
+    out = prepacked_linear(x, _prepack(w.to(torch.bfloat16), 8), b.to(torch.bfloat16), dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(x, w, b)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    assert (out.double() - exact).abs().max() < 0.1 < (torch.nn.functional.linear(x, w).double() - exact).abs().max()

@@ -203,9 +203,11 @@ def _prepack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
         return None
 
 
-def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` for x (..., H) from ``packed`` = :func:`_prepack` (W); returns (..., V)."""
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")  # (rows, V)
+def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for x (..., H) from ``packed`` = :func:`_prepack` (W in ``dtype``), x cast to
+    ``dtype`` first as autocast casts a linear's input; returns (..., V) in ``dtype``."""
+    y = torch.ops.mkldnn._linear_pointwise(x.to(dtype).reshape(-1, x.shape[-1]), packed, bias, "none", [], "")  # (rows, V)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -213,26 +215,32 @@ def _decode_linears(model, rows: int) -> Callable[[], None]:
     """Make the model's plain ``nn.Linear`` layers on the CPU, the LM head among them, run a faster
     product while decoding ``rows`` sequences; returns the function that undoes it. The model's own
     forward, and anything it does around those layers, is unchanged. A layer whose forward is already
-    replaced on the instance (accelerate's offloading hooks do that) is left alone. fp32 only.
+    replaced on the instance (accelerate's offloading hooks do that) is left alone. fp32 weights only.
 
     The product is oneDNN's on a copy of each weight blocked once per generation for ``rows``-row
-    inputs (:data:`PREPACK`), else :func:`few_rows_linear`. On SmolLM2-135M (8 rows, 64 new tokens):
-    F.linear 5.74 s per generation; (W h^T)^T for the head 5.39 s, for every linear 4.99 s (medians);
-    prepacked 3.64-4.15 s against 5.17-5.63 s for (W h^T)^T in the same run, the blocking (0.18-0.34
-    s) included. The copies hold the model's linear weights a second time while decoding (+540 MB
-    there). Under bf16 autocast (W h^T)^T was slower (3.85 against 3.53 s), so bf16 is left as is."""
-    if torch.is_autocast_enabled("cpu"):
+    inputs (:data:`PREPACK`), else :func:`few_rows_linear`. Under bf16 autocast the copy is bf16 and
+    the input is cast to bf16, as autocast does for a linear; there (W h^T)^T was slower (3.85 against
+    3.53 s), so without the op bf16 is left as is. On SmolLM2-135M (8 rows, 64 new tokens), per
+    generation: fp32 F.linear 5.74 s, (W h^T)^T for the head 5.39 s, for every linear 4.99 s
+    (medians); prepacked 3.64-4.15 s against 5.17-5.63 s for (W h^T)^T in the same run, the blocking
+    (0.18-0.34 s) included; bf16 autocast 3.48-4.08 s, prepacked bf16 2.77-3.32 s. The copies hold
+    the linear weights a second time while decoding (+540 MB there in fp32, +270 MB in bf16)."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+    if dtype != torch.float32 and (dtype != torch.bfloat16 or not PREPACK):
         return lambda: None
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" not in vars(m)
               and (type(m) is torch.nn.Linear or m is model.get_output_embeddings())
               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    packed = [_prepack(layer.weight, rows) for layer in layers] if PREPACK else []
+    packed = [_prepack(layer.weight.to(dtype), rows) for layer in layers] if PREPACK else []
     if packed and all(w is not None for w in packed):
         for layer, w in zip(layers, packed):
-            layer.forward = partial(prepacked_linear, packed=w, bias=layer.bias)
-    else:
+            bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+            layer.forward = partial(prepacked_linear, packed=w, bias=bias, dtype=dtype)
+    elif dtype == torch.float32:
         for layer in layers:
             layer.forward = partial(_linear_forward, layer)
+    else:
+        layers = []
 
     def restore() -> None:
         for layer in layers:
