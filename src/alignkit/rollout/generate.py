@@ -189,8 +189,9 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out.T.contiguous().reshape(*x.shape[:-1], weight.shape[0])
 
 
-# While decoding (fp32, CPU), linear layers run on oneDNN's pre-blocked copy of their weights where
-# this torch build has the op; False: (W @ h^T)^T (few_rows_linear) instead.
+# While decoding on the CPU (fp32, or under bf16 autocast), linear layers run on oneDNN's pre-blocked
+# copy of their weights where this torch build has the op. False: fp32 uses (W @ h^T)^T
+# (few_rows_linear) instead, and bf16 keeps F.linear.
 PREPACK = True
 
 

@@ -120,10 +120,11 @@ class PolicyValue(nn.Module):
     position); ``value_head``: a Linear(H, 1) on the policy's own hidden states (shared backbone);
     neither: values is None (GRPO/RLOO). The module the optimiser and DDP see.
 
-    ``pack`` (default): the backbones run on :func:`pack_rollout`'s single row instead of the padded
-    batch: no padding, and a GRPO group's prompt once. Before the first packed pass, a few rows
-    run both ways under no_grad; a model whose results differ (one that ignores a 4D mask or
-    explicit positions) keeps the padded batch from then on.
+    ``pack`` (default): the backbones run on :func:`pack_rollout`'s rows (one per distinct prompt)
+    instead of the padded batch, when :func:`packing_pays` says they cost less: no padding, and a
+    GRPO group's prompt once. Before the first packed pass, a few rows run both ways under no_grad;
+    a model whose results differ (one that ignores a 4D mask or explicit positions) keeps the
+    padded batch from then on.
     """
 
     def __init__(self, policy: nn.Module, *, temperature: float = 1.0, value_model: nn.Module | None = None,
