@@ -506,7 +506,7 @@ def test_sampler_falls_back_when_the_scaled_draw_rounds_up_to_the_total(monkeypa
 @pytest.mark.parametrize("shape", [(8, 1, 24), (3, 24), (5, 8, 24)])  # 8 and 3 rows: the (W h^T)^T path; 40: F.linear
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_few_rows_linear_equals_linear(shape, with_bias):
-    """The decoding LM head's product equals F.linear in float64 to rounding, in both of its paths,
+    """The (W h^T)^T decode product equals F.linear in float64 to rounding, in both of its paths,
     for 2-D and 3-D inputs, and returns a contiguous (..., V) tensor."""
     from alignkit.rollout.generate import FEW_ROWS, few_rows_linear
 
