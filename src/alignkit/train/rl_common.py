@@ -113,6 +113,17 @@ def packing_pays(packed: PackedRollout, padded_shape: tuple[int, int], hidden_si
     return 6 * hidden_size * g * width + g * width ** 2 < 6 * hidden_size * b * full + b * full ** 2
 
 
+def _response_states(backbone, inputs: dict, mask: torch.Tensor, prompt_len: int, packed: PackedRollout | None,
+                     rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(N, H) the final hidden state before each response token, at (rows, cols) of the (B, T) response
+    coordinates: from the padded batch (``mask``), or from ``packed``'s rows (``inputs`` built from its ids)."""
+    if packed is None:
+        return _hidden(backbone, inputs, mask)[:, prompt_len - 1:-1][rows, cols]
+    hidden = backbone(**inputs, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
+                      use_cache=False).last_hidden_state  # (G, L, H)
+    return hidden.flatten(0, 1)[packed.prev]
+
+
 class PolicyValue(nn.Module):
     """forward(ids (B, P+T), mask (B, P+T), prompt_len P, response_mask (B, T)) -> (logp, values).
 
@@ -150,17 +161,10 @@ class PolicyValue(nn.Module):
     def _forward(self, ids, mask, prompt_len: int, response_mask, packed: PackedRollout | None,
                  with_entropy: bool, with_values: bool):
         backbone, head = _backbone_and_head(self.policy)
-        if packed is None:
-            rows, cols = response_mask.bool().nonzero(as_tuple=True)  # (N,)
-            embed, slot = tied_inputs(_causal_lm(self.policy), backbone, ids)  # a tied table: one gradient buffer
-            states = _hidden(backbone, embed, mask)[:, prompt_len - 1:-1]  # (B, T, H): the state before each token
-            sel = states[rows, cols]  # (N, H)
-        else:
-            rows, cols = packed.rows, packed.cols
-            embed, slot = tied_inputs(_causal_lm(self.policy), backbone, packed.input_ids)
-            hidden = backbone(**embed, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
-                              use_cache=False).last_hidden_state  # (G, L, H)
-            sel = hidden.flatten(0, 1)[packed.prev]  # (N, H)
+        rows, cols = response_mask.bool().nonzero(as_tuple=True) if packed is None else (packed.rows, packed.cols)  # (N,)
+        input_ids = ids if packed is None else packed.input_ids
+        embed, slot = tied_inputs(_causal_lm(self.policy), backbone, input_ids)  # a tied table: one gradient buffer
+        sel = _response_states(backbone, embed, mask, prompt_len, packed, rows, cols)  # (N, H)
         targets = ids[:, prompt_len:][rows, cols]  # (N,)
         bias = None if head.bias is None else head.bias / self.temperature
         # logits/τ = (h/τ)Wᵀ (+ b/τ); the entropy statistic comes from the softmax the log-prob op
@@ -177,12 +181,7 @@ class PolicyValue(nn.Module):
             from ..reward_model import _parts
 
             v_backbone, v_head = _parts(self.value_model)
-            if packed is None:
-                v_sel = _hidden(v_backbone, {"input_ids": ids}, mask)[:, prompt_len - 1:-1][rows, cols]  # (N, H)
-            else:
-                v_sel = v_backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                                   position_ids=packed.position_ids,
-                                   use_cache=False).last_hidden_state.flatten(0, 1)[packed.prev]  # (N, H)
+            v_sel = _response_states(v_backbone, {"input_ids": input_ids}, mask, prompt_len, packed, rows, cols)
             values = per_token(v_head(v_sel).squeeze(-1).float())  # (B, T)
         logp = per_token(logps)
         return (logp, values) if not with_entropy else (logp, values, per_token(ent))
