@@ -208,7 +208,8 @@ def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor |
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``F.linear(x, W, bias)`` for x (..., H) from ``packed`` = :func:`_prepack` (W in ``dtype``), x cast to
     ``dtype`` first as autocast casts a linear's input; returns (..., V) in ``dtype``."""
-    y = torch.ops.mkldnn._linear_pointwise(x.to(dtype).reshape(-1, x.shape[-1]), packed, bias, "none", [], "")  # (rows, V)
+    flat = x.to(dtype).reshape(-1, x.shape[-1])  # (rows, H)
+    y = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")  # (rows, V)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -227,31 +228,27 @@ def _decode_linears(model, rows: int) -> Callable[[], None]:
     (0.18-0.34 s) included; bf16 autocast 3.48-4.08 s, prepacked bf16 2.77-3.32 s. The copies hold
     the linear weights a second time while decoding (+540 MB there in fp32, +270 MB in bf16)."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
-    if dtype != torch.float32 and (dtype != torch.bfloat16 or not PREPACK):
+    if dtype not in (torch.float32, torch.bfloat16):
         return lambda: None
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" not in vars(m)
               and (type(m) is torch.nn.Linear or m is model.get_output_embeddings())
               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     packed = [_prepack(layer.weight.to(dtype), rows) for layer in layers] if PREPACK else []
     if packed and all(w is not None for w in packed):
-        for layer, w in zip(layers, packed):
-            bias = None if layer.bias is None else layer.bias.detach().to(dtype)
-            layer.forward = partial(prepacked_linear, packed=w, bias=bias, dtype=dtype)
+        biases = [None if layer.bias is None else layer.bias.detach().to(dtype) for layer in layers]
+        forwards = [partial(prepacked_linear, packed=w, bias=b, dtype=dtype) for w, b in zip(packed, biases)]
     elif dtype == torch.float32:
-        for layer in layers:
-            layer.forward = partial(_linear_forward, layer)
-    else:
-        layers = []
+        forwards = [partial(few_rows_linear, weight=layer.weight, bias=layer.bias) for layer in layers]
+    else:  # bf16 without the op: F.linear under autocast
+        return lambda: None
+    for layer, forward in zip(layers, forwards):
+        layer.forward = forward
 
     def restore() -> None:
         for layer in layers:
             del layer.forward
 
     return restore
-
-
-def _linear_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return few_rows_linear(x, layer.weight, layer.bias)
 
 
 def _forward(model, ids, mask, positions, cache, keep_last: bool) -> torch.Tensor:

@@ -161,7 +161,8 @@ class PolicyValue(nn.Module):
     def _forward(self, ids, mask, prompt_len: int, response_mask, packed: PackedRollout | None,
                  with_entropy: bool, with_values: bool):
         backbone, head = _backbone_and_head(self.policy)
-        rows, cols = response_mask.bool().nonzero(as_tuple=True) if packed is None else (packed.rows, packed.cols)  # (N,)
+        # (N,) each: where the response tokens sit in (B, T)
+        rows, cols = response_mask.bool().nonzero(as_tuple=True) if packed is None else (packed.rows, packed.cols)
         input_ids = ids if packed is None else packed.input_ids
         embed, slot = tied_inputs(_causal_lm(self.policy), backbone, input_ids)  # a tied table: one gradient buffer
         sel = _response_states(backbone, embed, mask, prompt_len, packed, rows, cols)  # (N, H)
