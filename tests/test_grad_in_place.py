@@ -7,27 +7,15 @@ from __future__ import annotations
 import torch
 from conftest import make_tiny_llama
 from safetensors.torch import load_file
+from test_logprobs import V, _batch  # a padded row, a longer prompt: the log-prob tests' batch
 from test_loop import _run, _train_args, small_prefs  # noqa: F401, F811 (a fixture)
 from torch import nn
 
 from alignkit.ops import grad_in_place
 from alignkit.ops.logprobs import sequence_logprobs, token_logprobs
 
-V = 300
-
-
-def _batch(seed=0, B=3, T=16):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, V, (B, T), generator=g)
-    attn = torch.ones(B, T, dtype=torch.long)
-    attn[1, 11:] = 0
-    comp = torch.zeros(B, T, dtype=torch.bool)
-    comp[:, 5:] = True
-    return ids, attn, comp & attn.bool()
-
-
 def _grads(model, micro_batches):
-    weights = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    weights = torch.tensor([1.0, -0.5, 2.0, 0.7], dtype=torch.float64)  # one per row of _batch
     for seed in range(micro_batches):  # accumulated backwards add into .grad
         ids, attn, comp = _batch(seed)
         total, _, _ = sequence_logprobs(token_logprobs(model, ids, attn, comp), comp)
