@@ -19,6 +19,7 @@ here (checkpointing off as in alignkit, bf16 only in the bf16 configs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -288,7 +289,8 @@ def check_child(model_dir: str, batch: int, result_path: str) -> None:
     # TRL: a trainer over the same rows (its own tokenisation), its collator and _compute_loss
     tok = AutoTokenizer.from_pretrained(model_dir)
     trl_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    trainer = DPOTrainer(model=trl_model, args=_trl_args(tempfile.mkdtemp(), parse_config("full-fp32-fly"), batch, 1),
+    trl_out = str(Path(result_path).parent / "trl-check")
+    trainer = DPOTrainer(model=trl_model, args=_trl_args(trl_out, parse_config("full-fp32-fly"), batch, 1),
                          train_dataset=Dataset.from_list(rows), processing_class=tok)
     trl_rows = [trainer.train_dataset[i] for i in range(batch)]
 
@@ -389,6 +391,30 @@ def fmt(x, spec=".0f"):
     return "n/a" if x is None else format(x, spec)
 
 
+@contextlib.contextmanager
+def work_dir(given: str | None, prefix: str):
+    """The folder a benchmark writes its models, runs and logs to.
+
+    ``--work-dir`` is used as given and kept. Otherwise a new temporary folder is made and removed when the
+    benchmark ends, so repeated runs do not fill the disk (each holds 0.1-1 GB of checkpoints); it is kept, and
+    named on stderr, when the benchmark raises or returns non-zero, so the failed runs' logs can be read.
+    """
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path, lambda rc: None
+        return
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    status = {"rc": 1}
+    try:
+        yield path, lambda rc: status.update(rc=rc)
+    finally:
+        if status["rc"] == 0 or not any(path.iterdir()):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            print(f"work dir kept for its logs: {path}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model only, fewer steps")
@@ -406,9 +432,15 @@ def main(argv=None) -> int:
     ap.add_argument("--work-dir", default=None, help="where models, runs and logs go (default: a temp dir)")
     a = ap.parse_args(argv)
 
+    with work_dir(a.work_dir, "alignkit-bench-") as (work, finished):
+        rc = bench(a, work)
+        finished(rc)
+    return rc
+
+
+def bench(a: argparse.Namespace, work: Path) -> int:
+    """The runs and the table; 0 when every run and the step-0 check succeeded."""
     models = (a.models or ("tiny" if a.quick else "tiny,embedded")).split(",")
-    work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="alignkit-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     if not a.skip_trl:
         try:
             import trl  # noqa: F401
@@ -462,7 +494,8 @@ def main(argv=None) -> int:
         for lib, r in (("alignkit", ak), ("TRL", tr)):
             if r and "error" in r:
                 print(f"|  ↳ {lib} error: {r['error']} |||||||||")
-    return 0 if checks_ok else 1
+    failed = any("error" in r for _, _, _, ak, tr in results for r in (ak, tr or {}))
+    return 0 if checks_ok and not failed else 1
 
 
 if __name__ == "__main__":

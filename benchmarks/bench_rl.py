@@ -484,8 +484,19 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=15, help="--profile: ops listed")
     a = ap.parse_args(argv)
 
-    work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="alignkit-bench-rl-"))
-    work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_dpo
+
+    with bench_dpo.work_dir(a.work_dir, "alignkit-bench-rl-") as (work, finished):
+        rc = bench(a, ap, work)
+        finished(rc)
+    return rc
+
+
+def bench(a: argparse.Namespace, ap: argparse.ArgumentParser, work: Path) -> int:
+    """The runs and the tables (or --profile); 0 when every run succeeded."""
+    import bench_dpo
+
     models = a.models.split(",")
     if a.profile:
         model_dir = prepare_model(models[0], work)
@@ -511,8 +522,6 @@ def main(argv=None) -> int:
             return 2
 
     import torch
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_dpo
 
     print(f"torch {torch.__version__}, threads {a.threads or torch.get_num_threads()}, cpus {os.cpu_count()}; "
           f"work dir {work}", flush=True)
@@ -545,7 +554,7 @@ def main(argv=None) -> int:
     print(f"\nresponse lengths: {a.lengths}; precision: {a.precision}")
     for t in tables:
         print_table(*t)
-    return 0
+    return 1 if any("error" in r for t in tables for r in t[4].values()) else 0
 
 
 if __name__ == "__main__":

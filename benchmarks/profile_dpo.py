@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,7 +29,12 @@ def main() -> None:
     ap.add_argument("--shapes", action="store_true", help="also list the top ops grouped by input shapes")
     ap.add_argument("--model", choices=["tiny", "embedded"], default="tiny")
     a = ap.parse_args()
-    work = Path(a.work_dir or tempfile.mkdtemp(prefix="alignkit-prof-"))
+    with bench_dpo.work_dir(a.work_dir, "alignkit-prof-") as (work, finished):
+        profile_run(a, work)
+        finished(0)
+
+
+def profile_run(a: argparse.Namespace, work: Path) -> None:
     os.environ["ALIGNKIT_CACHE"] = str(work / "prof-cache")
     model_dir = bench_dpo.prepare_tiny(work / "tiny-llama") if a.model == "tiny" else bench_dpo.prepare_embedded()
     batch = "4" if a.model == "tiny" else "2"   # bench_dpo.py's batch per model
