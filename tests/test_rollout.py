@@ -11,6 +11,7 @@ import torch
 from conftest import make_tiny_llama
 
 from alignkit.errors import InputError
+from alignkit.rollout import llama_decode
 from alignkit.rollout import (
     FunctionJudge,
     Judge,
@@ -530,6 +531,7 @@ def test_generate_puts_the_linears_back(policy, prompt_ids, monkeypatch, prepack
 
     gen_mod = importlib.import_module("alignkit.rollout.generate")  # the module; the package re-exports the function
     monkeypatch.setattr(gen_mod, "PREPACK", prepack)
+    monkeypatch.setattr(llama_decode, "ENABLED", False)  # a Llama would decode through llama_decode instead
     head = policy.get_output_embeddings()
     linears = [m for m in policy.modules() if isinstance(m, torch.nn.Linear)]
     seen = []
@@ -596,3 +598,72 @@ def test_prepacked_bf16_linear_matches_autocast():
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
     assert (out.double() - exact).abs().max() < 0.1 < (torch.nn.functional.linear(x, w).double() - exact).abs().max()
+
+
+def _llama_variant(vocab: int, variant: str):
+    """Tiny Llamas that exercise the decoder's layout: grouped-query attention (4 query heads on 2
+    key/value heads), biases on every projection, linear RoPE scaling; logits sharpened as in ``policy``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    extra = {"gqa": dict(num_key_value_heads=2),
+             "bias": dict(attention_bias=True, mlp_bias=True),
+             "rope": dict(rope_scaling={"rope_type": "linear", "factor": 2.0})}[variant]
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512, **{"num_key_value_heads": 4, **extra})
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.02)  # biases that change the tokens (larger ones collapse the output)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["policy", "gqa", "bias", "rope"])
+def test_llama_decoder_decodes_as_transformers(policy, prompt_ids, monkeypatch, variant):
+    """The flat Llama step (fused, prepacked products; one key/value buffer per layer) gives the tokens
+    and log-probs of transformers' own decoding, for left-padded prompts of different lengths, with
+    grouped-query heads, projection biases and scaled RoPE; and it is the path generate takes."""
+    model = policy if variant == "policy" else _llama_variant(policy.config.vocab_size, variant)
+    eos = _unused_id(torch.tensor([0]))
+    steps = []
+    step = llama_decode.LlamaDecoder.step
+    monkeypatch.setattr(llama_decode.LlamaDecoder, "step", lambda self, *a: steps.append(1) or step(self, *a))
+    fast = generate(model, prompt_ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0, greedy=True)
+    assert len(steps) == 9  # every token after the prefill's
+    g = torch.Generator().manual_seed(0)
+    fast_sampled = generate(model, prompt_ids, max_new_tokens=10, temperature=0.7, eos_token_id=eos, pad_token_id=0,
+                            generator=g)
+    monkeypatch.setattr(llama_decode, "ENABLED", False)
+    slow = generate(model, prompt_ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0, greedy=True)
+    g = torch.Generator().manual_seed(0)
+    slow_sampled = generate(model, prompt_ids, max_new_tokens=10, temperature=0.7, eos_token_id=eos, pad_token_id=0,
+                            generator=g)
+    assert len(steps) == 18  # the sampled run used it too; the generic path did not
+    assert torch.equal(fast.response_ids, slow.response_ids)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=2e-5, rtol=0)
+    assert torch.equal(fast_sampled.response_ids, slow_sampled.response_ids)
+    torch.testing.assert_close(fast_sampled.logprobs, slow_sampled.logprobs, atol=2e-5, rtol=0)
+    # not a degenerate repeat of one token, which would hide a wrong position, key or value
+    assert len(set(fast.response_ids.reshape(-1).tolist())) >= 4
+    assert len(set(fast_sampled.response_ids.reshape(-1).tolist())) > 10
+
+
+def test_llama_decoder_only_for_plain_fp32_llamas(policy, prompt_ids):
+    """Anything the flat step does not reproduce keeps transformers' forward: another architecture,
+    bf16 autocast, float64 weights, a module with a hook or a replaced forward, the switch off."""
+    from alignkit.rollout.generate import _prepack
+
+    assert llama_decode.llama_decoder(policy, 3, 20, _prepack) is not None
+    assert llama_decode.llama_decoder(_tiny_gpt2(policy.config.vocab_size), 3, 20, _prepack) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert llama_decode.llama_decoder(policy, 3, 20, _prepack) is None
+    assert llama_decode.llama_decoder(copy.deepcopy(policy).double(), 3, 20, _prepack) is None
+    hooked = copy.deepcopy(policy)
+    hooked.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert llama_decode.llama_decoder(hooked, 3, 20, _prepack) is None
+    replaced = copy.deepcopy(policy)
+    replaced.model.norm.forward = lambda x: x
+    assert llama_decode.llama_decoder(replaced, 3, 20, _prepack) is None
+    assert llama_decode.llama_decoder(policy, 3, 20, lambda w, rows: None) is None

@@ -10,7 +10,9 @@ One call of :func:`generate`:
    a ``StaticCache`` of P + ``max_new_tokens`` positions, allocated once and written in place, with
    one (B, P + max_new_tokens) mask whose future columns are 0 (models that cannot use a static
    cache get a ``DynamicCache``, grown by concatenation: 7 800 ``cat`` calls, 0.43 s, per 64-token
-   step of the embedded model, plus a growing mask);
+   step of the embedded model, plus a growing mask). A plain fp32 Llama (the embedded model among
+   them) takes the steps after the prefill through :mod:`.llama_decode` instead: one flat loop over
+   fused, prepacked weights and its own key/value buffers, the same tokens and log-probs to rounding;
 3. per step: logits / temperature -> top-k -> top-p (HF's warper order) -> sample (or argmax);
 4. a row that samples EOS is finished: the EOS is kept as its last real token, every later
    position is ``pad_token_id`` with mask 0 and log-prob 0; the loop ends when all rows are
@@ -35,6 +37,7 @@ from functools import partial
 import torch
 
 from ..errors import InputError
+from .llama_decode import llama_decoder
 
 
 @dataclass
@@ -215,7 +218,8 @@ def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor |
 
 def _decode_linears(model, rows: int) -> Callable[[], None]:
     """Make the model's plain ``nn.Linear`` layers on the CPU, the LM head among them, run a faster
-    product while decoding ``rows`` sequences; returns the function that undoes it. The model's own
+    product while decoding ``rows`` sequences (models :mod:`.llama_decode` does not take); returns the
+    function that undoes it. The model's own
     forward, and anything it does around those layers, is unchanged. A layer whose forward is already
     replaced on the instance (accelerate's offloading hooks do that) is left alone. fp32 weights only.
 
@@ -259,9 +263,13 @@ def _forward(model, ids, mask, positions, cache, keep_last: bool) -> torch.Tenso
     return out.logits[:, -1].float()
 
 
-def _new_cache(model, length: int):
-    """(cache, static): a StaticCache of ``length`` positions where the model supports one, else a DynamicCache."""
+def _new_cache(model, length: int, dynamic: bool = False):
+    """(cache, static): a StaticCache of ``length`` positions where the model supports one, else (or
+    ``dynamic``: a prefill whose keys and values are copied out) a DynamicCache."""
     from transformers import DynamicCache, StaticCache
+
+    if dynamic:
+        return DynamicCache(), False
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     # Under autocast the keys' dtype differs between the prefill and the decoding steps (fp32 after
@@ -309,10 +317,12 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     batch = prompt.shape[0]
     was_training = model.training
     model.eval()
-    restore_linears = _decode_linears(model, prompt.shape[0])
+    width = prompt.shape[1]  # P
+    # a plain fp32 Llama decodes through llama_decode's flat step; other models through their forward
+    decoder = llama_decoder(model, batch, width + max_new_tokens, _prepack)
+    restore_linears = _decode_linears(model, batch) if decoder is None else (lambda: None)
     try:
-        width = prompt.shape[1]  # P
-        cache, static = _new_cache(model, width + max_new_tokens)
+        cache, static = _new_cache(model, width + max_new_tokens, dynamic=decoder is not None)
         # (B, P + max_new_tokens): column P + t is filled when the token of step t is fed; later ones stay 0
         mask_buf = torch.zeros((batch, width + max_new_tokens), dtype=torch.long, device=device)
         mask_buf[:, :width] = prompt_mask
@@ -320,6 +330,9 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
         mask = mask_buf if static else prompt_mask
         positions = _positions(prompt_mask)  # (B, P)
         logits = _forward(model, prompt, mask, positions, cache, _accepts_logits_to_keep(model))  # (B, V)
+        if decoder is not None:
+            decoder.load(cache, width)
+            cache = None
         next_pos = positions[:, -1:] + 1  # (B, 1) each row continues from its own prompt length
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         ended = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -351,8 +364,11 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                 break
             # finished rows keep feeding pad tokens (mask 0); their outputs are never read
             mask_buf[:, width + step] = real.long()
-            mask = mask_buf if static else mask_buf[:, :width + step + 1]  # (B, L+1) so far
-            logits = _forward(model, token[:, None], mask, next_pos, cache, False)
+            if decoder is not None:
+                logits = decoder.step(token, next_pos[:, 0], width + step, mask_buf)
+            else:
+                mask = mask_buf if static else mask_buf[:, :width + step + 1]  # (B, L+1) so far
+                logits = _forward(model, token[:, None], mask, next_pos, cache, False)
             next_pos = next_pos + 1
     finally:
         restore_linears()
