@@ -667,3 +667,33 @@ def test_llama_decoder_only_for_plain_fp32_llamas(policy, prompt_ids):
     replaced.model.norm.forward = lambda x: x
     assert llama_decode.llama_decoder(replaced, 3, 20, _prepack) is None
     assert llama_decode.llama_decoder(policy, 3, 20, lambda w, rows: None) is None
+
+
+def test_sample_k_runs_each_prompt_once_and_matches_the_padded_batch(policy, prompt_ids, monkeypatch):
+    """k samples per prompt through the Llama decoder: the prefill sees each distinct prompt once
+    (3 rows, not 3k), and the k rows continue from copies of its keys and values: the same tokens and
+    log-probs as decoding all 3k rows through transformers, greedy and sampled."""
+    import importlib
+
+    gen_mod = importlib.import_module("alignkit.rollout.generate")
+    prefill_rows = []
+    forward = gen_mod._forward
+    monkeypatch.setattr(gen_mod, "_forward", lambda model, ids, *a: prefill_rows.append(ids.shape) or forward(model, ids, *a))
+    eos = _unused_id(torch.tensor([0]))
+    runs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(llama_decode, "ENABLED", fast)
+        g = torch.Generator().manual_seed(0)
+        runs[fast] = (sample_k(policy, prompt_ids, 3, max_new_tokens=6, eos_token_id=eos, pad_token_id=0, greedy=True),
+                      sample_k(policy, prompt_ids, 3, max_new_tokens=6, temperature=0.8, eos_token_id=eos,
+                               pad_token_id=0, generator=g))
+    width = max(map(len, prompt_ids))
+    # the decoder's two runs call the model only for their prefills, one row per prompt; transformers'
+    # path prefills every row, then feeds the 5 later tokens
+    assert prefill_rows == [(3, width)] * 2 + ([(9, width)] + [(9, 1)] * 5) * 2
+    for fast, slow in zip(runs[True], runs[False]):
+        assert torch.equal(fast.response_ids, slow.response_ids)
+        torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=2e-5, rtol=0)
+        assert fast.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    sampled = runs[True][1].response_ids
+    assert not torch.equal(sampled[0], sampled[1])  # the copies of one prompt still sample apart

@@ -297,7 +297,7 @@ def _accepts_logits_to_keep(model) -> bool:
 def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_token_id: int | Sequence[int],
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             greedy: bool = False) -> Rollout:
+             greedy: bool = False, _repeats: int = 1) -> Rollout:
     """Sample one response per prompt (see the module docstring for the steps and the log-prob rule).
 
     prompt_ids: B lists of token ids (any lengths >= 1). eos_token_id: one id or several; a row
@@ -305,6 +305,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     config's pad id, else the first EOS id (many causal LMs ship no pad token; padding is masked,
     so any valid id works). generator: a torch.Generator on the model's device; the same seed gives
     the same samples. The model is put in eval mode and its train/eval mode is restored after.
+    ``_repeats`` (:func:`sample_k`): each run of that many rows holds one prompt; the Llama decoder
+    then runs the prompt once and copies its keys and values to the run's rows.
     """
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
@@ -329,10 +331,14 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
         # a static cache attends over all its positions (the unfilled ones masked); a dynamic one over those so far
         mask = mask_buf if static else prompt_mask
         positions = _positions(prompt_mask)  # (B, P)
-        logits = _forward(model, prompt, mask, positions, cache, _accepts_logits_to_keep(model))  # (B, V)
-        if decoder is not None:
-            decoder.load(cache, width)
+        if decoder is not None:  # each distinct prompt once: rows 0, k, 2k, ... (sample_k's layout)
+            first = slice(None, None, _repeats)
+            logits = _forward(model, prompt[first], mask[first], positions[first], cache,
+                              _accepts_logits_to_keep(model)).repeat_interleave(_repeats, 0)  # (B, V)
+            decoder.load(cache, width, _repeats)
             cache = None
+        else:
+            logits = _forward(model, prompt, mask, positions, cache, _accepts_logits_to_keep(model))  # (B, V)
         next_pos = positions[:, -1:] + 1  # (B, 1) each row continues from its own prompt length
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         ended = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -386,6 +392,6 @@ def sample_k(model, prompt_ids: Sequence[Sequence[int]], k: int, **kwargs) -> Ro
     if k < 1:
         raise InputError(f"must be at least 1, got {k}", field="k")
     repeated = [p for p in prompt_ids for _ in range(k)]
-    out = generate(model, repeated, **kwargs)
+    out = generate(model, repeated, _repeats=k, **kwargs)
     out.prompt_index = torch.arange(len(prompt_ids), device=out.prompt_index.device).repeat_interleave(k)
     return out

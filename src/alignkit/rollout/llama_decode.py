@@ -14,7 +14,9 @@ per layer, a new attention mask, a cache object. This module runs the same step 
   head grouped as transformers' SDPA path groups them for one query position.
 
 The prompt itself (prefill) still runs through the model with a ``DynamicCache``; :meth:`load`
-copies its keys and values in. :func:`llama_decoder` builds the decoder only for a plain fp32
+copies its keys and values in. For :func:`~alignkit.rollout.generate.sample_k` (k responses per
+prompt, GRPO's groups) the prefill runs each distinct prompt once and its keys and values are copied
+to its k rows. :func:`llama_decoder` builds the decoder only for a plain fp32
 ``LlamaForCausalLM`` on the CPU outside autocast, without hooks or replaced forwards; anything else
 (LoRA wrappers, other architectures, bf16 autocast) keeps the generic path. The tests check it
 against transformers' decoding: the same greedy tokens and log-probs to 2e-5.
@@ -60,11 +62,12 @@ class LlamaDecoder:
                 "values": torch.zeros(rows, self.kv_heads, length, self.head_dim),
             })
 
-    def load(self, cache, width: int) -> None:
-        """Copy the prefill's keys and values (a ``DynamicCache`` over the (B, P) prompt) into columns 0..P-1."""
+    def load(self, cache, width: int, repeats: int = 1) -> None:
+        """Copy the prefill's keys and values (a ``DynamicCache`` over (B / repeats, P) prompts) into
+        columns 0..P-1, each prompt's into ``repeats`` consecutive rows."""
         for buffers, layer in zip(self.layers, cache.layers):
-            buffers["keys"][:, :, :width] = layer.keys
-            buffers["values"][:, :, :width] = layer.values
+            buffers["keys"][:, :, :width] = layer.keys.repeat_interleave(repeats, 0)
+            buffers["values"][:, :, :width] = layer.values.repeat_interleave(repeats, 0)
 
     def step(self, token: torch.Tensor, position: torch.Tensor, column: int, mask: torch.Tensor) -> torch.Tensor:
         """Feed ``token`` (B,) at RoPE position ``position`` (B,) into buffer column ``column``; ``mask``
