@@ -652,12 +652,15 @@ def test_llama_decoder_decodes_as_transformers(policy, prompt_ids, monkeypatch, 
 
 def test_llama_decoder_only_for_plain_fp32_llamas(policy, prompt_ids):
     """Anything the flat step does not reproduce keeps transformers' forward: another architecture,
-    bf16 autocast, float64 weights, a module with a hook or a replaced forward, the switch off."""
+    fp16 autocast, float64 weights, a module with a hook or a replaced forward, the switch off; bf16
+    autocast runs it on bf16 copies of the weights."""
     from alignkit.rollout.generate import _prepack
 
     assert llama_decode.llama_decoder(policy, 3, 20, _prepack) is not None
     assert llama_decode.llama_decoder(_tiny_gpt2(policy.config.vocab_size), 3, 20, _prepack) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert llama_decode.llama_decoder(policy, 3, 20, _prepack).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.float16):
         assert llama_decode.llama_decoder(policy, 3, 20, _prepack) is None
     assert llama_decode.llama_decoder(copy.deepcopy(policy).double(), 3, 20, _prepack) is None
     hooked = copy.deepcopy(policy)
@@ -697,3 +700,25 @@ def test_sample_k_runs_each_prompt_once_and_matches_the_padded_batch(policy, pro
         assert fast.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     sampled = runs[True][1].response_ids
     assert not torch.equal(sampled[0], sampled[1])  # the copies of one prompt still sample apart
+
+
+@pytest.mark.parametrize("variant", ["policy", "gqa"])
+def test_llama_decoder_under_bf16_autocast_decodes_as_transformers(policy, prompt_ids, monkeypatch, variant):
+    """--precision bf16: the decoder's products on bf16 weight copies (inputs cast as autocast casts
+    them), its attention under the caller's autocast: the greedy tokens of transformers' decoding under
+    the same autocast, and log-probs as close to the fp32 model's as transformers' bf16 ones are (the
+    two bf16 paths round differently: fused products, another order of additions)."""
+    model = policy if variant == "policy" else _llama_variant(policy.config.vocab_size, variant)
+    eos = _unused_id(torch.tensor([0]))
+    runs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(llama_decode, "ENABLED", fast)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs[fast] = generate(model, prompt_ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=0, greedy=True)
+    assert torch.equal(runs[True].response_ids, runs[False].response_ids)
+    monkeypatch.setattr(llama_decode, "ENABLED", True)
+    fp32 = generate(model, prompt_ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=0, greedy=True)
+    assert torch.equal(fp32.response_ids, runs[True].response_ids)
+    ours, theirs = ((r.logprobs - fp32.logprobs).abs().max() for r in (runs[True], runs[False]))
+    assert 1e-4 < theirs  # bf16 did round (logits here are ~+-60: a bf16 step of 0.25)
+    assert ours <= 1.5 * theirs + 1e-3, (ours, theirs)

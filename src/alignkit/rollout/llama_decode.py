@@ -16,10 +16,12 @@ per layer, a new attention mask, a cache object. This module runs the same step 
 The prompt itself (prefill) still runs through the model with a ``DynamicCache``; :meth:`load`
 copies its keys and values in. For :func:`~alignkit.rollout.generate.sample_k` (k responses per
 prompt, GRPO's groups) the prefill runs each distinct prompt once and its keys and values are copied
-to its k rows. :func:`llama_decoder` builds the decoder only for a plain fp32
-``LlamaForCausalLM`` on the CPU outside autocast, without hooks or replaced forwards; anything else
-(LoRA wrappers, other architectures, bf16 autocast) keeps the generic path. The tests check it
-against transformers' decoding: the same greedy tokens and log-probs to 2e-5.
+to its k rows. :func:`llama_decoder` builds the decoder only for a plain ``LlamaForCausalLM`` with
+fp32 weights on the CPU, without hooks or replaced forwards; under bf16 autocast its products run
+on bf16 copies of the weights, as autocast's would. Anything else (LoRA wrappers, other
+architectures, fp16) keeps the generic path. The tests check it against transformers' decoding:
+in fp32 the same tokens and log-probs to 2e-5; under bf16 the same greedy tokens, and log-probs as
+close to the fp32 model's as transformers' bf16 ones.
 
 SmolLM2-135M, 8 rows, 64 new tokens, fp32 (one run, 2 cores): 2.9 s per generation (prefill and
 blocking 0.35 s included) against 3.6-4.0 s for transformers' forward over prepacked weights.
@@ -36,25 +38,28 @@ ENABLED = True
 class LlamaDecoder:
     """Decoding steps for ``rows`` sequences of at most ``length`` positions (prompt + new tokens)."""
 
-    def __init__(self, model, rows: int, length: int, prepack):
+    def __init__(self, model, rows: int, length: int, prepack, dtype: torch.dtype = torch.float32):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        def packed(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """The layers' weights stacked along the outputs, in ``dtype``, blocked for B rows; their biases."""
+            weights = [layer.weight.detach().to(dtype) for layer in layers]  # (outputs, inputs) each
+            weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # (sum of outputs, inputs)
+            return prepack(weight, rows), _cat_bias(layers, dtype)
 
         inner, cfg = model.model, model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
         self.rope = apply_rotary_pos_emb
-        self.head = prepack(model.lm_head.weight.detach(), rows), _bias(model.lm_head)
+        self.dtype = dtype
+        self.head = packed([model.lm_head])
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
             self.layers.append({
-                "qkv": (prepack(torch.cat([p.weight.detach() for p in qkv]), rows), _cat_bias(qkv)),
-                "o": (prepack(attn.o_proj.weight.detach(), rows), _bias(attn.o_proj)),
-                "gate_up": (prepack(torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]), rows),
-                            _cat_bias((mlp.gate_proj, mlp.up_proj))),
-                "down": (prepack(mlp.down_proj.weight.detach(), rows), _bias(mlp.down_proj)),
+                "qkv": packed([attn.q_proj, attn.k_proj, attn.v_proj]), "o": packed([attn.o_proj]),
+                "gate_up": packed([mlp.gate_proj, mlp.up_proj]), "down": packed([mlp.down_proj]),
                 "norm_in": layer.input_layernorm, "norm_post": layer.post_attention_layernorm,
                 "act": mlp.act_fn, "inter": mlp.gate_proj.out_features, "scale": attn.scaling,
                 # (B, kv heads, length, head dim), written at each row's column as tokens are fed
@@ -79,7 +84,7 @@ class LlamaDecoder:
         cos, sin = self.rotary(h, position[:, None])  # (B, 1, head dim) each
         cos, sin = cos[:, 0], sin[:, 0]  # (B, head dim)
         for layer in self.layers:
-            qkv = _linear(layer["norm_in"].forward(h), *layer["qkv"])  # (B, (heads + 2 kv) * dim)
+            qkv = self._linear(layer["norm_in"].forward(h), layer["qkv"])  # (B, (heads + 2 kv) * dim)
             q = qkv[:, :heads * dim].view(rows, heads, dim)
             k = qkv[:, heads * dim:(heads + kv) * dim].view(rows, kv, dim)
             q, k = self.rope(q, k, cos, sin)  # (B, heads, dim), (B, kv, dim)
@@ -88,37 +93,35 @@ class LlamaDecoder:
             # the heads sharing a key/value head as that head's queries: (B, kv, heads / kv, dim)
             out = F.scaled_dot_product_attention(q.view(rows, kv, heads // kv, dim), layer["keys"], layer["values"],
                                                  attn_mask=allowed, scale=layer["scale"])
-            h = h + _linear(out.reshape(rows, heads * dim), *layer["o"])
-            gate_up = _linear(layer["norm_post"].forward(h), *layer["gate_up"])  # (B, 2 * intermediate)
+            h = h + self._linear(out.reshape(rows, heads * dim), layer["o"])
+            gate_up = self._linear(layer["norm_post"].forward(h), layer["gate_up"])  # (B, 2 * intermediate)
             inter = layer["inter"]
-            h = h + _linear(layer["act"](gate_up[:, :inter]) * gate_up[:, inter:], *layer["down"])
-        return _linear(self.norm.forward(h), *self.head).float()  # (B, V)
+            h = h + self._linear(layer["act"](gate_up[:, :inter]) * gate_up[:, inter:], layer["down"])
+        return self._linear(self.norm.forward(h), self.head).float()  # (B, V)
+
+    def _linear(self, x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        """x (B, in) -> (B, out) in the decoder's dtype; x is cast first, as autocast casts a linear's input."""
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), packed[0], packed[1], "none", [], "")
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-def _bias(layer) -> torch.Tensor | None:
-    return None if layer.bias is None else layer.bias.detach()
-
-
-def _cat_bias(layers) -> torch.Tensor | None:
+def _cat_bias(layers, dtype: torch.dtype) -> torch.Tensor | None:
     if all(layer.bias is None for layer in layers):
         return None
-    return torch.cat([layer.bias.detach() if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
-                      for layer in layers])
+    return torch.cat([(layer.bias.detach() if layer.bias is not None else layer.weight.new_zeros(layer.out_features))
+                      .to(dtype) for layer in layers])
 
 
 def llama_decoder(model, rows: int, length: int, prepack) -> LlamaDecoder | None:
-    """A :class:`LlamaDecoder` where the model is a plain fp32 ``LlamaForCausalLM`` on the CPU, outside
-    autocast, with no module hooks or per-instance forwards and ``prepack`` (``generate._prepack``)
-    available; else None (the caller keeps transformers' forward)."""
+    """A :class:`LlamaDecoder` where the model is a plain ``LlamaForCausalLM`` with fp32 weights on the
+    CPU, outside autocast or under bf16 autocast (then its products run on bf16 copies, as autocast's),
+    with no module hooks or per-instance forwards and ``prepack`` (``generate._prepack``) available;
+    else None (the caller keeps transformers' forward)."""
     try:
         from transformers import LlamaForCausalLM
     except ImportError:
         return None
-    if not ENABLED or type(model) is not LlamaForCausalLM or torch.is_autocast_enabled("cpu"):
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+    if not ENABLED or type(model) is not LlamaForCausalLM or dtype not in (torch.float32, torch.bfloat16):
         return None
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         return None
@@ -127,6 +130,6 @@ def llama_decoder(model, rows: int, length: int, prepack) -> LlamaDecoder | None
             return None
         if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:
             return None
-    if prepack(model.lm_head.weight.detach()[:1], rows) is None:  # the op is missing from this build
+    if prepack(model.lm_head.weight.detach()[:1].to(dtype), rows) is None:  # the op is missing from this build
         return None
-    return LlamaDecoder(model, rows, length, prepack)
+    return LlamaDecoder(model, rows, length, prepack, dtype)
