@@ -219,9 +219,9 @@ def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor |
 def _decode_linears(model, rows: int) -> Callable[[], None]:
     """Make the model's plain ``nn.Linear`` layers on the CPU, the LM head among them, run a faster
     product while decoding ``rows`` sequences (models :mod:`.llama_decode` does not take); returns the
-    function that undoes it. The model's own
-    forward, and anything it does around those layers, is unchanged. A layer whose forward is already
-    replaced on the instance (accelerate's offloading hooks do that) is left alone. fp32 weights only.
+    function that undoes it. The model's own forward, and anything it does around those layers, is
+    unchanged. A layer whose forward is already replaced on the instance (accelerate's offloading hooks
+    do that) is left alone. fp32 weights only.
 
     The product is oneDNN's on a copy of each weight blocked once per generation for ``rows``-row
     inputs (:data:`PREPACK`), else :func:`few_rows_linear`. Under bf16 autocast the copy is bf16 and

@@ -1,8 +1,8 @@
 """One decoding step of a Llama model, written out over prepacked, fused weights.
 
 :func:`alignkit.rollout.generate` feeds one token per row per step. On a small model on the CPU,
-transformers' forward spends a third of such a step outside the matrix products: ~25 module calls
-per layer, a new attention mask, a cache object. This module runs the same step as a flat loop:
+transformers' forward spent ~20 of such a step's ~50 ms (SmolLM2-135M, 8 rows, profiled) outside
+the matrix products: ~25 module calls per layer, a new attention mask, a cache object. This module runs the same step as a flat loop:
 
 - per layer four products instead of seven: q, k, v as one (q+k+v rows) weight, gate and up as one,
   then o and down; each weight, and the head, blocked once per generation by oneDNN for B-row inputs
@@ -23,8 +23,9 @@ architectures, fp16) keeps the generic path. The tests check it against transfor
 in fp32 the same tokens and log-probs to 2e-5; under bf16 the same greedy tokens, and log-probs as
 close to the fp32 model's as transformers' bf16 ones.
 
-SmolLM2-135M, 8 rows, 64 new tokens, fp32 (one run, 2 cores): 2.9 s per generation (prefill and
-blocking 0.35 s included) against 3.6-4.0 s for transformers' forward over prepacked weights.
+SmolLM2-135M, ``sample_k`` of 2 prompts x 4, 64 new tokens, 2 cores, alternating runs: fp32
+2.94-3.25 s per generation against 3.55-3.76 s for transformers' forward over prepacked weights;
+bf16 autocast 2.31-2.35 s against 2.82-2.89 s (benchmarks/README.md, bench_rl section, item 4).
 """
 
 from __future__ import annotations
