@@ -33,7 +33,8 @@ def _run(cmd, env):
 
 
 def _env(tmp_path):
-    return {**os.environ, "ALIGNKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    """torchrun's own scratch folders (torchelastic_*) go under tmp_path too, deleted with it."""
+    return {**os.environ, "ALIGNKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alignkit.cli"]

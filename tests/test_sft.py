@@ -414,7 +414,8 @@ def test_two_processes_equal_one(tiny_model_dir, sft_data, tmp_path):
     import sys
 
     data = sft_data("sft_chat.jsonl", 16)
-    env = {**os.environ, "ALIGNKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ALIGNKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(tmp_path)}  # torchrun's torchelastic_* scratch folders go with tmp_path
 
     def run(prefix, out, batch):
         cmd = [sys.executable, "-m", *prefix, "alignkit.cli", *args(tiny_model_dir, data, out, "--grad-accum", "2")]
