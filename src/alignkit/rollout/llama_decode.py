@@ -1,8 +1,8 @@
 """One decoding step of a Llama model, written out over prepacked, fused weights.
 
 :func:`alignkit.rollout.generate` feeds one token per row per step. On a small model on the CPU,
-transformers' forward spent ~20 of such a step's ~50 ms (SmolLM2-135M, 8 rows, profiled) outside
-the matrix products: ~25 module calls per layer, a new attention mask, a cache object. This module runs the same step as a flat loop:
+transformers' forward spent ~20 of such a step's ~50 ms (SmolLM2-135M, 8 rows) outside the matrix
+products: ~25 module calls per layer, a new attention mask, a cache object. This module runs the same step as a flat loop:
 
 - per layer four products instead of seven: q, k, v as one (q+k+v rows) weight, gate and up as one,
   then o and down; each weight, and the head, blocked once per generation by oneDNN for B-row inputs
@@ -24,8 +24,8 @@ in fp32 the same tokens and log-probs to 2e-5; under bf16 the same greedy tokens
 close to the fp32 model's as transformers' bf16 ones.
 
 SmolLM2-135M, ``sample_k`` of 2 prompts x 4, 64 new tokens, 2 cores, alternating runs: fp32
-2.94-3.25 s per generation against 3.55-3.76 s for transformers' forward over prepacked weights;
-bf16 autocast 2.31-2.35 s against 2.82-2.89 s (benchmarks/README.md, bench_rl section, item 4).
+2.94-3.42 s per generation against 3.55-4.11 s for transformers' forward over prepacked weights;
+bf16 autocast 2.31-2.35 s against 2.82-3.02 s (benchmarks/README.md, bench_rl section, item 4).
 """
 
 from __future__ import annotations
