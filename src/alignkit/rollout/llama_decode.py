@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# False: every model decodes through transformers' forward (generate's generic path)
 ENABLED = True
 
 
