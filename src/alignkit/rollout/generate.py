@@ -12,7 +12,7 @@ One call of :func:`generate`:
    cache get a ``DynamicCache``, grown by concatenation: 7 800 ``cat`` calls, 0.43 s, per 64-token
    step of the embedded model, plus a growing mask). A plain fp32 Llama (the embedded model among
    them) takes the steps after the prefill through :mod:`.llama_decode` instead: one flat loop over
-   fused, prepacked weights and its own key/value buffers, the same tokens and log-probs to rounding;
+   fused, prepacked weights and its own key/value buffers, with log-probs equal to rounding;
 3. per step: logits / temperature -> top-k -> top-p (HF's warper order) -> sample (or argmax);
 4. a row that samples EOS is finished: the EOS is kept as its last real token, every later
    position is ``pad_token_id`` with mask 0 and log-prob 0; the loop ends when all rows are

@@ -20,7 +20,7 @@ to its k rows. :func:`llama_decoder` builds the decoder only for a plain ``Llama
 fp32 weights on the CPU, without hooks or replaced forwards; under bf16 autocast its products run
 on bf16 copies of the weights, as autocast's would. Anything else (LoRA wrappers, other
 architectures, fp16) keeps the generic path. The tests check it against transformers' decoding:
-in fp32 the same tokens and log-probs to 2e-5; under bf16 the same greedy tokens, and log-probs as
+in fp32 the same greedy and sampled tokens (test-sized runs) and log-probs to 2e-5; under bf16 the same greedy tokens, and log-probs as
 close to the fp32 model's as transformers' bf16 ones.
 
 SmolLM2-135M, ``sample_k`` of 2 prompts x 4, 64 new tokens, 2 cores, alternating runs: fp32
