@@ -38,6 +38,8 @@ import torch
 
 from ..errors import InputError
 from .llama_decode import llama_decoder
+from .onednn import decode_dtype, prepacked_linear
+from .onednn import prepack as _prepack
 
 
 @dataclass
@@ -198,24 +200,6 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 PREPACK = True
 
 
-def _prepack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
-    """oneDNN's blocked copy of a (V, H) fp32 weight, laid out for products with ``rows`` rows (the
-    op inductor's CPU backend uses for frozen linears); None where the build lacks it."""
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return None
-
-
-def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` for x (..., H) from ``packed`` = :func:`_prepack` (W in ``dtype``), x cast to
-    ``dtype`` first as autocast casts a linear's input; returns (..., V) in ``dtype``."""
-    flat = x.to(dtype).reshape(-1, x.shape[-1])  # (rows, H)
-    y = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")  # (rows, V)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
 def _decode_linears(model, rows: int) -> Callable[[], None]:
     """Make the model's plain ``nn.Linear`` layers on the CPU, the LM head among them, run a faster
     product while decoding ``rows`` sequences (models :mod:`.llama_decode` does not take); returns the
@@ -231,7 +215,7 @@ def _decode_linears(model, rows: int) -> Callable[[], None]:
     (medians); prepacked 3.64-4.15 s against 5.17-5.63 s for (W h^T)^T in the same run, the blocking
     (0.18-0.34 s) included; bf16 autocast 3.48-4.08 s, prepacked bf16 2.77-3.32 s. The copies hold
     the linear weights a second time while decoding (+540 MB there in fp32, +270 MB in bf16)."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+    dtype = decode_dtype()
     if dtype not in (torch.float32, torch.bfloat16):
         return lambda: None
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" not in vars(m)
@@ -321,7 +305,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     model.eval()
     width = prompt.shape[1]  # P
     # a plain fp32 Llama decodes through llama_decode's flat step; other models through their forward
-    decoder = llama_decoder(model, batch, width + max_new_tokens, _prepack)
+    decoder = llama_decoder(model, batch, width + max_new_tokens)
     restore_linears = _decode_linears(model, batch) if decoder is None else (lambda: None)
     try:
         cache, static = _new_cache(model, width + max_new_tokens, dynamic=decoder is not None)

@@ -6,7 +6,7 @@ products: ~25 module calls per layer, a new attention mask, a cache object. This
 
 - per layer four products instead of seven: q, k, v as one (q+k+v rows) weight, gate and up as one,
   then o and down; each weight, and the head, blocked once per generation by oneDNN for B-row inputs
-  (``generate._prepack``, the op inductor's CPU backend uses for frozen linears);
+  (:mod:`.onednn`, the ops inductor's CPU backend uses for frozen linears);
 - the model's own RMSNorm forwards, rotary embedding and ``apply_rotary_pos_emb``, so their numerics
   (and rope scaling) are transformers' own;
 - keys and values in one preallocated (B, kv heads, P + max_new_tokens, head dim) buffer per layer,
@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import onednn
 
 # False: every model decodes through transformers' forward (generate's generic path)
 ENABLED = True
@@ -103,7 +105,7 @@ class LlamaDecoder:
 
     def _linear(self, x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         """x (B, in) -> (B, out) in the decoder's dtype; x is cast first, as autocast casts a linear's input."""
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), packed[0], packed[1], "none", [], "")
+        return onednn.linear(x, packed[0], packed[1], self.dtype)
 
 
 def _cat_bias(layers, dtype: torch.dtype) -> torch.Tensor | None:
@@ -113,16 +115,16 @@ def _cat_bias(layers, dtype: torch.dtype) -> torch.Tensor | None:
                       .to(dtype) for layer in layers])
 
 
-def llama_decoder(model, rows: int, length: int, prepack) -> LlamaDecoder | None:
+def llama_decoder(model, rows: int, length: int, prepack=onednn.prepack) -> LlamaDecoder | None:
     """A :class:`LlamaDecoder` where the model is a plain ``LlamaForCausalLM`` with fp32 weights on the
     CPU, outside autocast or under bf16 autocast (then its products run on bf16 copies, as autocast's),
-    with no module hooks or per-instance forwards and ``prepack`` (``generate._prepack``) available;
+    with no module hooks or per-instance forwards and ``prepack`` (:func:`.onednn.prepack`) available;
     else None (the caller keeps transformers' forward)."""
     try:
         from transformers import LlamaForCausalLM
     except ImportError:
         return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+    dtype = onednn.decode_dtype()
     if not ENABLED or type(model) is not LlamaForCausalLM or dtype not in (torch.float32, torch.bfloat16):
         return None
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
