@@ -133,12 +133,12 @@ def run_child(cmd: list[str], env: dict, log_file: Path) -> tuple[int, float, st
 
 def run_config(name: str, model_dir: Path, warmup: int, measured: int, work: Path, threads: int | None,
                fixed: bool, glibc_malloc: bool = False, rl_mmap_threshold: int | None = None,
-               precision: str = "fp32") -> dict:
+               precision: str = "fp32", rl_allow_mmap: bool = False) -> dict:
     lib = CONFIGS[name][0]
     tag = f"{model_dir.parent.name if model_dir.name == 'hf' else model_dir.name}-{name}"
     spec = {"name": name, "model": str(model_dir), "warmup": warmup, "measured": measured, "fixed": fixed,
             "glibc_malloc": glibc_malloc, "rl_mmap_threshold": rl_mmap_threshold, "precision": precision,
-            "out": str(work / f"run-{tag}")}
+            "rl_allow_mmap": rl_allow_mmap, "out": str(work / f"run-{tag}")}
     result = work / f"{tag}.json"
     result.unlink(missing_ok=True)
     shutil.rmtree(spec["out"], ignore_errors=True)
@@ -253,6 +253,8 @@ def alignkit_child(spec: dict, result_path: str) -> None:
         memory.RL_MMAP_THRESHOLD = 0
     if spec.get("rl_mmap_threshold") is not None:  # diagnostic: the threshold rl_loop sets (0: keep 64 KiB)
         memory.RL_MMAP_THRESHOLD = spec["rl_mmap_threshold"]
+    if spec.get("rl_allow_mmap"):  # diagnostic: blocks above the threshold mmapped again, as before for_rl
+        memory.RL_HEAP_ONLY = False
 
     steps = spec["warmup"] + spec["measured"]
     rec = instrument_alignkit(fixed=spec["fixed"])
@@ -475,6 +477,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rl-mmap-threshold", type=int, default=None,
                     help="diagnostic: the glibc mmap threshold in bytes rl_loop sets (alignkit.memory."
                          "RL_MMAP_THRESHOLD; 0 keeps the CLI's 64 KiB, as before it was added)")
+    ap.add_argument("--rl-allow-mmap", action="store_true",
+                    help="diagnostic: rl_loop lets glibc mmap the blocks above its threshold (alignkit.memory."
+                         "RL_HEAP_ONLY = False), as before the loop served every block from the heap")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="bf16: alignkit --precision bf16 and TRL bf16=True (autocast in both, fp32 weights)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: torch's)")
@@ -506,6 +511,7 @@ def bench(a: argparse.Namespace, ap: argparse.ArgumentParser, work: Path) -> int
             memory.RL_MMAP_THRESHOLD = 0
         if a.rl_mmap_threshold is not None:
             memory.RL_MMAP_THRESHOLD = a.rl_mmap_threshold
+        memory.RL_HEAP_ONLY = not a.rl_allow_mmap
         profile_alignkit(a.profile_config, models[0], model_dir, work, a.steps or 3, a.top, a.lengths == "fixed")
         return 0
     configs = a.configs.split(",") if a.configs else list(CONFIGS)
@@ -535,7 +541,7 @@ def bench(a: argparse.Namespace, ap: argparse.ArgumentParser, work: Path) -> int
         for _ in range(a.repeats):
             for c in configs:
                 r = run_config(c, model_dir, warmup, measured, work, a.threads, a.lengths == "fixed",
-                               a.glibc_malloc, a.rl_mmap_threshold, a.precision)
+                               a.glibc_malloc, a.rl_mmap_threshold, a.precision, a.rl_allow_mmap)
                 runs[c].append(r)
                 brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                          if k in ("step_s", "tokens_per_step", "tokens_per_s", "gen_s", "ref_s", "update_s", "rss_mb",

@@ -35,3 +35,17 @@ def test_for_training_reuses_and_never_trims(monkeypatch):
 def test_glibc_accepts_the_training_setting():
     assert memory.for_training() is True
     assert memory.return_freed_memory_to_os() is True
+
+
+def test_for_rl_serves_every_block_from_the_heap(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "_mallopt", lambda *settings: calls.append(settings) or True)
+    assert memory.for_rl() is True
+    assert calls == [((memory._M_MMAP_THRESHOLD, memory.RL_MMAP_THRESHOLD), (memory._M_TRIM_THRESHOLD, memory.NO_TRIM)),
+                     ((memory._M_MMAP_MAX, 0),)]
+    calls.clear()
+    monkeypatch.setattr(memory, "RL_HEAP_ONLY", False)
+    assert memory.for_rl() is True and calls == [calls[0]] and calls[0][0][0] == memory._M_MMAP_THRESHOLD
+    calls.clear()
+    monkeypatch.setattr(memory, "RL_MMAP_THRESHOLD", 0)  # the diagnostic "keep the CLI's 64 KiB": nothing changes
+    assert memory.for_rl() is False and calls == []

@@ -327,9 +327,9 @@ def rl_loop(*, accelerator, module: PolicyValue, num_prompts: int, cfg, rollout_
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from ..memory import keep_freed_memory_for_reuse
+    from ..memory import for_rl
 
-    keep_freed_memory_for_reuse()  # RL allocates and frees activation-sized blocks all step long (alignkit.memory)
+    for_rl()  # RL allocates and frees activation-sized blocks all step long: reuse them (alignkit.memory)
     b = cfg.batch_size
     responses = b * responses_per_prompt
     mb = min(rollout_cfg.mini_batch_size, responses)
