@@ -249,3 +249,24 @@ def test_is_argmax_through_chunks_and_kept_softmax():
         (grad,) = torch.autograd.grad(out.sum(), h)  # the extra output leaves the backward alone
         (plain,) = torch.autograd.grad(linear_token_logprobs(h, w, None, t, chunk=chunk, keep_bytes=keep).sum(), h)
         torch.testing.assert_close(grad, plain, rtol=0, atol=0)
+
+
+def test_entropy_through_chunks_and_row_blocks():
+    """return_entropy equals −Σ p log p of the full float64 softmax, whatever the chunking: 75 rows
+    cross the 32-row entropy blocks (32, 32, 11) and chunks of 1, 5 and all rows."""
+    from alignkit.ops import logprobs
+
+    torch.manual_seed(2)
+    h = torch.randn(75, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, 16, dtype=torch.float64)
+    w[:, 0] *= 8  # some rows nearly one-hot, so entr(0) terms occur
+    t = torch.randint(0, V, (75,))
+    p = torch.softmax(h.detach() @ w.T, dim=-1)
+    expected = -(p * torch.log(p)).nan_to_num().sum(-1)
+    assert logprobs._ENTROPY_ROWS == 32 and float(expected.min()) < 0.5 < float(expected.max())
+    for chunk, keep in ((1, 0), (5, 0), (1000, 2**30)):
+        out, entropy = linear_token_logprobs(h, w, None, t, chunk=chunk, keep_bytes=keep, return_entropy=True)
+        torch.testing.assert_close(entropy, expected, rtol=1e-12, atol=1e-12)
+        assert not entropy.requires_grad
+        torch.testing.assert_close(out, linear_token_logprobs(h, w, None, t, chunk=chunk, keep_bytes=keep),
+                                   rtol=0, atol=0)
