@@ -7,8 +7,9 @@ products: ~25 module calls per layer, a new attention mask, a cache object. This
 - per layer four products instead of seven: q, k, v as one (q+k+v rows) weight, gate and up as one,
   then o and down; each weight, and the head, blocked once per generation by oneDNN for B-row inputs
   (:mod:`.onednn`, the ops inductor's CPU backend uses for frozen linears);
-- the model's own RMSNorm forwards, rotary embedding and ``apply_rotary_pos_emb``, so their numerics
-  (and rope scaling) are transformers' own;
+- the model's own RMSNorm forwards, rotary embedding and ``rotate_half``, so their numerics (and rope
+  scaling) are transformers' own; RoPE runs once over the queries and keys together (the formula of
+  ``apply_rotary_pos_emb``, which would run it on each);
 - keys and values in one preallocated (B, kv heads, P + max_new_tokens, head dim) buffer per layer,
   attention over all its columns with a (B, 1, 1, columns) bool mask, the query heads of a key/value
   head grouped as transformers' SDPA path groups them for one query position.
@@ -43,7 +44,7 @@ class LlamaDecoder:
     """Decoding steps for ``rows`` sequences of at most ``length`` positions (prompt + new tokens)."""
 
     def __init__(self, model, rows: int, length: int, prepack, dtype: torch.dtype = torch.float32):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from transformers.models.llama.modeling_llama import rotate_half
 
         def packed(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
             """The layers' weights stacked along the outputs, in ``dtype``, blocked for B rows; their biases."""
@@ -55,7 +56,7 @@ class LlamaDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
-        self.rope = apply_rotary_pos_emb
+        self.rotate_half = rotate_half
         self.dtype = dtype
         self.head = packed([model.lm_head])
         self.layers = []
@@ -85,14 +86,14 @@ class LlamaDecoder:
         rows, heads, kv, dim = token.shape[0], self.heads, self.kv_heads, self.head_dim
         allowed = mask.bool()[:, None, None, :]  # (B, 1, 1, length)
         h = self.embed(token)  # (B, H)
-        cos, sin = self.rotary(h, position[:, None])  # (B, 1, head dim) each
-        cos, sin = cos[:, 0], sin[:, 0]  # (B, head dim)
+        cos, sin = self.rotary(h, position[:, None])  # (B, 1, head dim) each: broadcast over the heads
         for layer in self.layers:
             qkv = self._linear(layer["norm_in"].forward(h), layer["qkv"])  # (B, (heads + 2 kv) * dim)
-            q = qkv[:, :heads * dim].view(rows, heads, dim)
-            k = qkv[:, heads * dim:(heads + kv) * dim].view(rows, kv, dim)
-            q, k = self.rope(q, k, cos, sin)  # (B, heads, dim), (B, kv, dim)
-            layer["keys"][:, :, column] = k
+            # RoPE on the queries and keys in one pass, as apply_rotary_pos_emb does to each
+            qk = qkv[:, :(heads + kv) * dim].view(rows, heads + kv, dim)
+            qk = qk * cos + self.rotate_half(qk) * sin  # (B, heads + kv, dim)
+            q = qk[:, :heads]  # (B, heads, dim)
+            layer["keys"][:, :, column] = qk[:, heads:]
             layer["values"][:, :, column] = qkv[:, (heads + kv) * dim:].view(rows, kv, dim)
             # the heads sharing a key/value head as that head's queries: (B, kv, heads / kv, dim)
             out = F.scaled_dot_product_attention(q.view(rows, kv, heads // kv, dim), layer["keys"], layer["values"],
