@@ -253,8 +253,8 @@ def alignkit_child(spec: dict, result_path: str) -> None:
         memory.RL_MMAP_THRESHOLD = 0
     if spec.get("rl_mmap_threshold") is not None:  # diagnostic: the threshold rl_loop sets (0: keep 64 KiB)
         memory.RL_MMAP_THRESHOLD = spec["rl_mmap_threshold"]
-    if spec.get("rl_allow_mmap"):  # diagnostic: blocks above the threshold mmapped again, as before for_rl
-        memory.RL_HEAP_ONLY = False
+    if spec.get("rl_allow_mmap"):  # diagnostic: blocks above the threshold mmapped again, as before
+        memory.HEAP_ONLY = False
 
     steps = spec["warmup"] + spec["measured"]
     rec = instrument_alignkit(fixed=spec["fixed"])
@@ -479,7 +479,7 @@ def main(argv=None) -> int:
                          "RL_MMAP_THRESHOLD; 0 keeps the CLI's 64 KiB, as before it was added)")
     ap.add_argument("--rl-allow-mmap", action="store_true",
                     help="diagnostic: rl_loop lets glibc mmap the blocks above its threshold (alignkit.memory."
-                         "RL_HEAP_ONLY = False), as before the loop served every block from the heap")
+                         "HEAP_ONLY = False), as before the loop served every block from the heap")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="bf16: alignkit --precision bf16 and TRL bf16=True (autocast in both, fp32 weights)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: torch's)")
@@ -511,7 +511,7 @@ def bench(a: argparse.Namespace, ap: argparse.ArgumentParser, work: Path) -> int
             memory.RL_MMAP_THRESHOLD = 0
         if a.rl_mmap_threshold is not None:
             memory.RL_MMAP_THRESHOLD = a.rl_mmap_threshold
-        memory.RL_HEAP_ONLY = not a.rl_allow_mmap
+        memory.HEAP_ONLY = not a.rl_allow_mmap
         profile_alignkit(a.profile_config, models[0], model_dir, work, a.steps or 3, a.top, a.lengths == "fixed")
         return 0
     configs = a.configs.split(",") if a.configs else list(CONFIGS)

@@ -13,8 +13,8 @@ and frees many activation-sized blocks, and each one is a fresh mmap zero-filled
 On the embedded model a GRPO step took 16.5 s with the 64 KiB threshold and 11.6 s with glibc's
 own; so ``rl_loop`` called :func:`keep_freed_memory_for_reuse` (a fixed 32 MiB threshold, glibc's
 dynamic ceiling, and a trim threshold of twice that), trading a few hundred MB of peak RSS for
-speed (benchmarks/README.md, bench_rl section, has the numbers). It now calls :func:`for_rl`, which
-also keeps the blocks above 32 MiB (softmax, the tied table's gradient, the blocked LM head) off mmap.
+speed (benchmarks/README.md, bench_rl section, has the numbers). It now calls :func:`for_training`,
+which also keeps the blocks above 32 MiB (softmax, the tied table's gradient, the blocked LM head) off mmap.
 
 bf16 autocast pays for it too: every forward casts each fp32 weight to a fresh bf16 copy (MB-sized
 blocks, hundreds per step), and the backward casts the weight gradients back. With the 64 KiB
@@ -39,13 +39,14 @@ import sys
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
+_GLIBC_MMAP_MAX = 65536  # glibc's DEFAULT_MMAP_MAX
 _THRESHOLD_BYTES = 64 * 1024
 # Blocks below this come from the heap and are reused. 32 MiB is the largest value glibc accepts
 # (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit), and where its dynamic threshold ends up after warm-up.
 # 0: leave the 64 KiB threshold in place for RL too.
 RL_MMAP_THRESHOLD = 32 * 2**20
-# The RL loop serves every block from the heap, those above RL_MMAP_THRESHOLD too (for_rl).
-RL_HEAP_ONLY = True
+# The training loops serve every block from the heap, those above RL_MMAP_THRESHOLD too (for_training).
+HEAP_ONLY = True
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
@@ -59,8 +60,9 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
 
 
 def return_freed_memory_to_os() -> bool:
-    """Fix glibc's mmap threshold at 64 KiB. Returns False where there is no glibc (nothing to do)."""
-    return _mallopt((_M_MMAP_THRESHOLD, _THRESHOLD_BYTES))
+    """Fix glibc's mmap threshold at 64 KiB, with mmap allowed (glibc's default maximum count of
+    mappings, which :func:`for_training` sets to 0). Returns False where there is no glibc (nothing to do)."""
+    return _mallopt((_M_MMAP_THRESHOLD, _THRESHOLD_BYTES), (_M_MMAP_MAX, _GLIBC_MMAP_MAX))
 
 
 def for_precision(precision: str) -> bool:
@@ -86,22 +88,19 @@ NO_TRIM = 2**31 - 1
 
 
 def for_training() -> bool:
-    """The gradient loop's setting (train/loop.py): freed blocks below 32 MiB are reused and the heap is
-    never trimmed. Measured side by side (bench_dpo.py, ``defaults``, fp32): embedded 88 -> 147 tokens/s
-    for +100-140 MB peak RSS, tiny ~1300 -> ~1750 tokens/s for +20 MB."""
-    return keep_freed_memory_for_reuse(RL_MMAP_THRESHOLD, NO_TRIM)
+    """The training loops' setting (train/loop.py: SFT, DPO, reward models; ``rl_loop``: PPO, GRPO):
+    freed blocks are reused and the heap is never trimmed. Blocks below 32 MiB: measured side by side
+    (bench_dpo.py, ``defaults``, fp32) embedded 88 -> 147 tokens/s for +100-140 MB peak RSS, tiny
+    ~1300 -> ~1750 tokens/s for +20 MB.
 
-
-def for_rl() -> bool:
-    """The RL loop's setting (``rl_loop``): as :func:`for_training`, and with :data:`RL_HEAP_ONLY` glibc
-    serves no block by mmap at all, so the 32 MiB-and-up blocks come from the heap and are reused too.
-
-    An RL step allocates and frees several such blocks (embedded model, GRPO: the kept (N, V) softmax
-    100 MB, the tied table's gradient 113 MB, logit chunks 33-67 MB, the decoder's blocked LM head
-    113 MB): ~500 MB mmapped, zero-filled page by page and unmapped again every step, ~120 000 page
-    faults per step (strace, getrusage). Heap only: no page fault from the second step on, and the
-    same peak RSS (3.91 GB both ways; benchmarks/README.md, bench_rl section, has the step times).
-    False where there is no glibc or with ``RL_MMAP_THRESHOLD = 0`` (nothing changed)."""
+    With :data:`HEAP_ONLY` glibc serves no block by mmap at all, so the blocks of 32 MiB and up come
+    from the heap and are reused too. A GRPO step on the embedded model allocates and frees ~500 MB
+    of them (the kept (N, V) softmax 100 MB, the tied table's gradient 113 MB, logit chunks 33-67 MB,
+    the decoder's blocked LM head 113 MB), each mmapped, zero-filled page by page and unmapped again:
+    ~120 000 page faults per step (strace, getrusage). Heap only: no page fault after the second step,
+    the same peak RSS (3.81-3.85 against 3.79-3.84 GB); bench_dpo.py ``defaults`` on the embedded
+    model 152-167 against 129-153 tokens/s (three alternating pairs), peak RSS 2.58-2.64 against
+    2.63-2.66 GB. False where there is no glibc or with ``RL_MMAP_THRESHOLD = 0`` (nothing changed)."""
     if not keep_freed_memory_for_reuse(RL_MMAP_THRESHOLD, NO_TRIM):
         return False
-    return _mallopt((_M_MMAP_MAX, 0)) if RL_HEAP_ONLY else True
+    return _mallopt((_M_MMAP_MAX, 0)) if HEAP_ONLY else True

@@ -327,9 +327,9 @@ def rl_loop(*, accelerator, module: PolicyValue, num_prompts: int, cfg, rollout_
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from ..memory import for_rl
+    from ..memory import for_training
 
-    for_rl()  # RL allocates and frees activation-sized blocks all step long: reuse them (alignkit.memory)
+    for_training()  # RL allocates and frees activation-sized blocks all step long: reuse them (alignkit.memory)
     b = cfg.batch_size
     responses = b * responses_per_prompt
     mb = min(rollout_cfg.mini_batch_size, responses)
