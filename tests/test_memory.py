@@ -44,7 +44,6 @@ def test_glibc_accepts_the_training_setting():
     assert memory.return_freed_memory_to_os() is True
 
 
-
 def test_the_cli_setting_allows_mmap_again(monkeypatch):
     """Every command starts from return_freed_memory_to_os, so an earlier training run in the process
     (a pipeline, the test session) does not leave mmap switched off."""
