@@ -148,3 +148,32 @@ def test_non_finite_loss_stops_with_message_and_saves_nothing(tiny_model_dir, sm
     assert "non-finite loss at step 1" in err and "Traceback" not in err
     assert not (out / "model.safetensors").exists()
     assert list_checkpoints(out / "checkpoints") == []
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_state_allocated_up_front_steps_like_the_lazy_state(fused):
+    """init_adamw_state must create exactly the state AdamW's first step would: same keys, dtypes
+    and devices, and the same weights and moments after several steps (bitwise)."""
+    from alignkit.train.loop import init_adamw_state
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=fused or None) for m in models]
+    init_adamw_state(opts[1])
+    assert all(len(opts[1].state[p]) == 3 for p in models[1].parameters())
+    for step in range(3):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        for m, opt in zip(models, opts):
+            m(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
+    lazy, eager = opts[0].state_dict()["state"], opts[1].state_dict()["state"]
+    assert lazy.keys() == eager.keys()
+    for k in lazy:
+        assert lazy[k].keys() == eager[k].keys()
+        for name in lazy[k]:
+            a, b = lazy[k][name], eager[k][name]
+            assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape) and torch.equal(a, b), (k, name)
