@@ -97,13 +97,25 @@ def test_plain_state_model_identity_for_plain(tiny_model):
     assert plain_state_model(tiny_model) is tiny_model
 
 
-def test_non_finite_weights_refused(tmp_path, tiny_model, tokenizer):
+@pytest.mark.parametrize("values", [[float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]])
+def test_non_finite_weights_refused(tmp_path, tiny_model, tokenizer, values):
     with torch.no_grad():
-        tiny_model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+        for i, v in enumerate(values):
+            tiny_model.model.layers[0].mlp.up_proj.weight[0, i] = v
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="up_proj"):
         save_model(tiny_model, tokenizer, out)
     assert not out.exists() or not any(out.glob("*.safetensors"))
+
+
+def test_finite_weights_whose_sum_overflows_are_saved(tmp_path, tiny_model, tokenizer):
+    """The finiteness check sums each tensor first; a sum that overflows (every value finite) must
+    fall through to the exact check, not refuse the save."""
+    with torch.no_grad():
+        tiny_model.model.layers[0].mlp.up_proj.weight[0, :4] = 3e38
+    assert not torch.isfinite(tiny_model.model.layers[0].mlp.up_proj.weight.sum())
+    save_model(tiny_model, tokenizer, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def test_frozen_copy_and_count(tiny_model):
@@ -233,3 +245,21 @@ def test_frozen_linears_in_bf16_match_autocast_exactly(tiny_model):
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert model.get_output_embeddings().weight.dtype == torch.float32
+
+
+def test_tokenizer_files_write_what_the_tokenizer_writes(tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    from alignkit.models import TokenizerFiles
+
+    tokenizer.save_pretrained(tmp_path / "live")
+    files = TokenizerFiles.of(tokenizer)
+    assert files.pad_token_id == tokenizer.pad_token_id is not None
+    files.save_pretrained(tmp_path / "held")
+    live = {p.relative_to(tmp_path / "live"): p.read_bytes() for p in (tmp_path / "live").rglob("*") if p.is_file()}
+    held = {p.relative_to(tmp_path / "held"): p.read_bytes() for p in (tmp_path / "held").rglob("*") if p.is_file()}
+    assert "tokenizer.json" in {str(k) for k in held} and held == live
+    text = [{"role": "user", "content": "Name a colour."}]
+    again = AutoTokenizer.from_pretrained(tmp_path / "held")
+    assert again.apply_chat_template(text) == tokenizer.apply_chat_template(text)
+    assert again.pad_token_id == tokenizer.pad_token_id

@@ -118,6 +118,36 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
                          field="model") from e
 
 
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """A tokenizer reduced to the files ``save_pretrained`` writes, held as bytes, plus its pad id.
+
+    An offline trainer (SFT, DPO, reward model) needs its tokenizer only to encode the data before
+    training and to write the tokenizer files next to each saved model. Holding the live object
+    through training costs ~40 MB on a 49k vocabulary (the Rust vocabulary, merges and regex
+    tables; a few MB of files), which on a small model is a tenth of the run's peak memory.
+    ``save_pretrained`` writes exactly the files the tokenizer itself would have written."""
+
+    files: tuple[tuple[str, bytes], ...]
+    pad_token_id: int | None
+
+    @classmethod
+    def of(cls, tokenizer) -> TokenizerFiles:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="alignkit-tok-") as tmp:
+            tokenizer.save_pretrained(tmp)
+            files = tuple((str(p.relative_to(tmp)), p.read_bytes())
+                          for p in sorted(Path(tmp).rglob("*")) if p.is_file())
+        return cls(files, tokenizer.pad_token_id)
+
+    def save_pretrained(self, folder) -> None:
+        for name, data in self.files:
+            path = Path(folder) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """Load any model string as a plain (unquantised, unmerged-adapter-free) ``PreTrainedModel``."""
     return _load(name_or_path, dtype, trust_remote_code, depth=0)
@@ -219,8 +249,15 @@ def _is_peft(model) -> bool:
 
 
 def _check_finite(model) -> None:
+    """Refuse to save NaN or Inf. A NaN or an infinity in a tensor makes its sum NaN or infinite,
+    so a finite sum clears the tensor without a tensor-sized temporary (``isfinite`` would allocate
+    a mask as large as the tied embedding table, at the end of training when memory is highest).
+    A non-finite sum (which overflow of finite values can also give) is checked element by element
+    in blocks of 2^20 values."""
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not t.is_floating_point() or torch.isfinite(t.sum()):
+            continue
+        if not all(torch.isfinite(block).all() for block in t.reshape(-1).split(1 << 20)):
             raise RuntimeError(f"refusing to save: tensor {name} holds NaN or Inf")
 
 

@@ -20,7 +20,7 @@ import torch
 from .. import losses, rubric
 from ..config import DataConfig, ModelConfig, RMConfig, TrainConfig
 from ..data.ranking import EncodedRanking, load_ranking_data
-from ..models import load_tokenizer, save_model
+from ..models import TokenizerFiles, load_tokenizer, save_model
 from ..reward_model import RewardScores, load_reward_model, set_reward_pad_token
 from .loop import StepOutput, train
 from .run import finish_run, make_accelerator, prepare_output_dir
@@ -99,6 +99,8 @@ def run_rm(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, rm: RMC
 
     rm_model = load_reward_model(model.model, trust_remote_code=model.trust_remote_code)
     pad_id = set_reward_pad_token(rm_model, tokenizer)
+    tokenizer = TokenizerFiles.of(tokenizer)  # with its new pad token; the live object is needed no more
+    del load
     if model.gradient_checkpointing:
         rm_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     merge = model.merge

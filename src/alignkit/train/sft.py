@@ -18,6 +18,7 @@ from ..config import DataConfig, ModelConfig, SFTConfig, TrainConfig
 from ..data.collate_sft import collate_sft, collate_sft_packed
 from ..data.sft import SFTExample, load_sft_data
 from ..models import (
+    TokenizerFiles,
     add_lora,
     load_causal_lm,
     load_tokenizer,
@@ -89,6 +90,8 @@ def run_sft(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, sft: S
     if data.eval_data:
         eval_examples, eval_report = load(data.eval_data)
         accelerator.print(f"eval data: {eval_report.summary()}")
+    tokenizer = TokenizerFiles.of(tokenizer)  # only its files and pad id are needed from here on
+    del load
     out_dir = prepare_output_dir(accelerator, train_cfg, {"model": model, "data": data, "train": train_cfg, "sft": sft})
 
     policy = load_causal_lm(model.model, trust_remote_code=model.trust_remote_code)
