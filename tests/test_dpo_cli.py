@@ -271,3 +271,33 @@ def test_runs_with_different_precisions_in_one_process(tiny_model_dir, prefs, tm
     """accelerate's process-wide state must not leak from one run into the next."""
     for i, precision in enumerate(["fp32", "bf16", "fp32"]):
         assert cli.main(args(tiny_model_dir, prefs, tmp_path / f"run{i}", "--precision", precision)) == 0
+
+
+def test_no_progress_silences_the_libraries_bars_for_the_run(tiny_model_dir, prefs, tmp_path, capfd):
+    """--no-progress: no bar from transformers either ("Writing model shards" at the save), and the
+    libraries' own switch is back as it was once the run is over."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_was_off, hf_was_on = are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    enable_progress_bars()
+    try:
+        _check_quiet_then_loud(tiny_model_dir, prefs, tmp_path, capfd)
+    finally:
+        if not hf_was_on:
+            hf_logging.disable_progress_bar()
+        if hub_was_off:
+            disable_progress_bars()
+
+
+def _check_quiet_then_loud(tiny_model_dir, prefs, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    assert cli.main(args(tiny_model_dir, prefs, tmp_path / "quiet")) == 0
+    quiet = capfd.readouterr()
+    assert "Writing model shards" not in quiet.err + quiet.out and "train:" not in quiet.err
+    assert hf_logging.is_progress_bar_enabled()
+    loud = [a for a in args(tiny_model_dir, prefs, tmp_path / "loud") if a != "--no-progress"]
+    assert cli.main(loud) == 0
+    assert "Writing model shards" in capfd.readouterr().err  # the check above can see the bar

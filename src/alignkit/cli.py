@@ -7,6 +7,7 @@ field, never a traceback); 1 anything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -96,6 +97,29 @@ def parse(argv: list[str]) -> tuple[str, dict]:
     return command, build_config(command, values, origins)
 
 
+@contextlib.contextmanager
+def quiet_library_progress(sections: dict):
+    """With ``--no-progress`` the libraries' bars are off too for the run (transformers' "Loading
+    weights", "Writing model shards"; huggingface_hub's downloads), not only alignkit's own; their
+    earlier state is restored afterwards."""
+    if all(getattr(section, "progress", True) for section in sections.values()):
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_was_off, hf_was_on = are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hf_was_on:
+            hf_logging.enable_progress_bar()
+        if not hub_was_off:
+            enable_progress_bars()
+
+
 def run(command: str, sections: dict) -> Path:
     if command == "dpo":
         from .train.dpo import run_dpo
@@ -149,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     return_freed_memory_to_os()
     try:
         command, sections = parse(argv)
-        out = run(command, sections)
+        with quiet_library_progress(sections):
+            out = run(command, sections)
         if os.environ.get("RANK", "0") == "0":
             print(f"done: {out}")
         return 0
