@@ -494,6 +494,35 @@ def test_export_uses_the_rubric_weights_file(tmp_path):
     assert rows[1]["ranks"] == [2, 3, 3, 1] and rows[1]["rank_source"] == "rubric"
 
 
+def test_every_flag_can_come_from_a_config_file(tmp_path, capsys):
+    """DESIGN.md: every flag is settable from --config. The file's values pass the flags' own
+    checks, the command line wins over the file, and a bad field names file, line and field."""
+    db, _ = _labelled_db(str(tmp_path / "labels.sqlite"))
+    out = tmp_path / "ranked.jsonl"
+    cfg = tmp_path / "label.yaml"
+    cfg.write_text(f"db: {db}\noutput: {tmp_path / 'from-file.jsonl'}\noverwrite: true\n")
+    assert label_cli.main(["export", "--config", str(cfg), "--output", str(out)]) == 0
+    assert out.is_file() and not (tmp_path / "from-file.jsonl").exists()  # the flag won
+    assert label_cli.main(["export", "--config", str(cfg), "--output", str(out)]) == 0  # overwrite: true applied
+    cfg.write_text(f"db: {db}\njson: true\n")
+    capsys.readouterr()
+    assert label_cli.main(["stats", "--config", str(cfg)]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == 4  # json: true applied
+    for text, line, field, says in [(f"db: {db}\nbogus: 1\n", 2, "bogus", "unknown field"),
+                                     (f"db: {db}\nper-task: 0\n", 2, "per_task", "must be at least 1"),
+                                     (f"db: {db}\nport: [1]\n", 2, "port", "single value"),
+                                     ("host: 0.0.0.0\n", None, "db", "required")]:
+        cfg.write_text(text)
+        assert label_cli.main(["serve", "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert f"field '{field}'" in err and says in err and "Traceback" not in err, err
+        if line:
+            assert f"{cfg}, line {line}" in err, err
+    cfg.write_text(f"db: {db}\njson: yes please\n")
+    assert label_cli.main(["stats", "--config", str(cfg)]) == 2
+    assert "line 2, field 'json': must be true or false" in capsys.readouterr().err
+
+
 def test_stats_counts_and_agreement(db, capsys):
     """ana and ben share tasks 1 and 2, cy labels task 3 alone.
 

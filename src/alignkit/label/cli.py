@@ -4,6 +4,9 @@
     alignkit label export --db labels.sqlite --output ranked.jsonl [--rubric-weights w.yaml]
     alignkit label stats  --db labels.sqlite [--json]
 
+Every flag can also come from ``--config FILE.yaml`` (``db: labels.sqlite``, ``per-task: 2``, ...),
+checked as the flag would be; flags given on the command line win over the file.
+
 Exit codes as everywhere in alignkit: 0 done, 2 bad input (one line naming file, line and field),
 1 anything else.
 """
@@ -45,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     db_help = "the label database: a SQLite file path (created if missing) or a URL such as " \
               "postgresql+psycopg://user@host/db for a shared team server"
+    config_help = "YAML file of flag: value (e.g. db: labels.sqlite); flags on the command line win"
 
     serve = sub.add_parser("serve", help="serve the labeling app; prints a local URL with an access token")
+    serve.add_argument("--config", type=Path, help=config_help)
     serve.add_argument("--data", help="rows to label: {prompt, responses: [K]} (JSONL/JSON/Parquet/CSV, "
                                       "what `alignkit generate` writes); optional when the database has tasks")
-    serve.add_argument("--db", required=True, help=db_help)
+    serve.add_argument("--db", help=db_help + " (required)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
     serve.add_argument("--token", default=None, help="access token (default: $ALIGNKIT_LABEL_TOKEN, else random)")
@@ -59,18 +64,67 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated labeler names allowed to log in (default: anyone with the token)")
 
     export = sub.add_parser("export", help="write K-wise rows (ranks, rubric, labeler, time) for `alignkit rm`")
-    export.add_argument("--db", required=True, help=db_help)
-    export.add_argument("--output", required=True, type=Path, help="JSONL file to write (atomically)")
+    export.add_argument("--config", type=Path, help=config_help)
+    export.add_argument("--db", help=db_help + " (required)")
+    export.add_argument("--output", type=Path, help="JSONL file to write (atomically; required)")
     export.add_argument("--rubric-weights", type=Path, default=None,
                         help="YAML/JSON field -> weight for ranking labels scored without a ranking "
                              "(default: alignkit.rubric.DEFAULT_WEIGHTS)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
     stats = sub.add_parser("stats", help="progress, per-labeler counts, agreement and Kendall's tau-b")
-    stats.add_argument("--db", required=True, help=db_help)
+    stats.add_argument("--config", type=Path, help=config_help)
+    stats.add_argument("--db", help=db_help + " (required)")
     stats.add_argument("--rubric-weights", type=Path, default=None, help="as for export")
     stats.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.subcommands = {"serve": serve, "export": export, "stats": stats}
     return parser
+
+
+REQUIRED = {"serve": ("db",), "export": ("db", "output"), "stats": ("db",)}
+
+
+def _config_defaults(sub: argparse.ArgumentParser, path: Path) -> dict:
+    """The --config file's values as the subcommand's defaults, each converted and checked as the
+    same flag on the command line would be. Unknown fields and bad values: InputError naming the
+    file, the line and the field."""
+    from ..config import flatten_yaml
+
+    values, lines = flatten_yaml(path)
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    out = {}
+    for name, value in values.items():
+        where = {"file": str(path), "line": lines.get(name), "field": name}
+        action = actions.get(name)
+        if action is None:
+            raise InputError(f"unknown field; this command takes {', '.join(sorted(actions))}", **where)
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise InputError(f"must be true or false, got {value!r}", **where)
+            out[name] = value
+            continue
+        if value is None or isinstance(value, (dict, list)):
+            raise InputError(f"must be a single value, got {value!r}", **where)
+        try:
+            out[name] = action.type(str(value)) if action.type else str(value)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            raise InputError(str(e) or f"invalid value {value!r}", **where) from None
+    return out
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Command line over --config file over the flags' defaults; the required flags checked last."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        sub = parser.subcommands[args.command]
+        sub.set_defaults(**_config_defaults(sub, args.config))
+        args = parser.parse_args(argv)
+    for name in REQUIRED[args.command]:
+        if getattr(args, name) is None:
+            raise InputError(f"the following argument is required: --{name} (or {name}: in --config)",
+                             file="command line", field=name)
+    return args
 
 
 # ----------------------------------------------------------------------------- serve
@@ -190,7 +244,7 @@ def _stats(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(argv)
         return {"serve": serve, "export": _export, "stats": _stats}[args.command](args)
     except InputError as e:
         print(f"alignkit: error: {e}", file=sys.stderr)
