@@ -177,3 +177,28 @@ def test_adamw_state_allocated_up_front_steps_like_the_lazy_state(fused):
         for name in lazy[k]:
             a, b = lazy[k][name], eager[k][name]
             assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape) and torch.equal(a, b), (k, name)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup,total", [(0, 7), (3, 10), (5, 5), (0, 1), (2, 1)])
+def test_lr_schedules_equal_transformers(kind, warmup, total):
+    """lr_factor reproduces transformers' get_scheduler (what TRL runs) at every step, past the end too."""
+    from transformers import get_scheduler
+
+    from alignkit.train.loop import make_scheduler
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = make(opt)
+        out = []
+        for _ in range(total + 3):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    hf_kind = "constant_with_warmup" if kind == "constant" else kind
+    theirs = lrs(lambda o: get_scheduler(hf_kind, o, num_warmup_steps=warmup, num_training_steps=total))
+    ours = lrs(lambda o: make_scheduler(o, kind, warmup, total))
+    assert ours == theirs
+    assert len(set(ours)) > 1 or (kind == "constant" and warmup == 0)  # the schedule moves

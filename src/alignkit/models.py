@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -243,9 +244,9 @@ def plain_state_model(model):
 
 
 def _is_peft(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
+    # a PeftModel exists only once peft is imported; a full fine-tuning run never imports it (~10 MB)
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _check_finite(model) -> None:

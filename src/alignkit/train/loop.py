@@ -325,6 +325,29 @@ def grads_in_place(accelerator, module: nn.Module, sharded: bool = False) -> InP
     return install_grads_in_place(module)
 
 
+def lr_factor(step: int, *, kind: str, warmup: int, total: int) -> float:
+    """The learning-rate multiplier after ``step`` optimizer steps: a linear warm-up from 0 over
+    ``warmup`` steps, then 1 (``constant``), a linear decay to 0 at ``total`` (``linear``) or half a
+    cosine down to 0 at ``total`` (``cosine``). These are transformers' warm-up schedules (what TRL
+    runs), written out so a run need not import ``transformers.optimization`` (and with it
+    ``trainer_utils`` and peft: ~10 MB resident)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    if kind == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"unknown learning-rate schedule {kind!r}")
+
+
+def make_scheduler(optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, kind=kind, warmup=warmup,
+                                                                          total=total))
+
+
 def init_adamw_state(optimizer) -> None:
     """Allocate AdamW's state now, in the form its first ``step`` would create (torch/optim/adam.py).
 
@@ -364,7 +387,6 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
     ``cfg.fsdp`` (or ``accelerate launch --use_fsdp``) ``module`` is sharded in place (train/fsdp.py);
     the recipe then saves through :func:`alignkit.train.run.finish_run` with ``sharded=module``.
     """
-    from transformers import get_scheduler
     from tqdm.auto import tqdm
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -378,8 +400,7 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
     # per-tensor loop, which was a quarter of a tiny model's step (benchmarks/README.md).
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps)
+    scheduler = make_scheduler(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * steps), steps)
     if not sharded:
         module, optimizer = accelerator.prepare(module, optimizer)
     memory.for_training()  # freed gradient and activation blocks are reused, not faulted in again each step

@@ -29,7 +29,8 @@ from torch import nn
 from ..errors import InputError
 from ..models import add_lora, frozen_copy, load_causal_lm, reference_context
 from ..ops.logprobs import _causal_lm, linear_token_logprobs, tied_inputs
-from .loop import MetricsLog, _check_finite, _set_rng_state, init_adamw_state, list_checkpoints, save_checkpoint, stream_indices
+from .loop import (MetricsLog, _check_finite, _set_rng_state, init_adamw_state, list_checkpoints, make_scheduler,
+                   save_checkpoint, stream_indices)
 
 
 def _backbone_and_head(model):
@@ -325,7 +326,6 @@ def rl_loop(*, accelerator, module: PolicyValue, num_prompts: int, cfg, rollout_
     Checkpoints (weights, optimizer, scheduler, β, RNG) every ``--save-every`` steps; ``--resume``.
     """
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     from ..memory import for_training
 
@@ -340,8 +340,7 @@ def rl_loop(*, accelerator, module: PolicyValue, num_prompts: int, cfg, rollout_
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     init_adamw_state(optimizer)  # below the blocks every step frees and re-allocates (train/loop.py)
-    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates), num_training_steps=updates)
+    scheduler = make_scheduler(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * updates), updates)
     ckpt_root = out_dir / "checkpoints"
     start = 0
     if cfg.resume and (found := list_checkpoints(ckpt_root)):
