@@ -16,7 +16,6 @@ table of labels is kept too and the constraint-satisfaction rate is reported.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,27 +25,11 @@ from ..data.prompts import PromptItem, load_prompts
 from ..errors import InputError
 from ..models import load_causal_lm, load_tokenizer
 from ..ops.logprobs import token_logprobs
-from ..rollout.generate import sample_k
 from ..rollout.judges import load_judge
+from ..rollout.sample import Responses, sample_prompts
 from .stats import win_rate
 
 RUBRIC = "alignkit.labeler:reward"
-
-
-@dataclass
-class Responses:
-    """One model's responses: per prompt, ``num_responses`` texts and their token ids (EOS kept if sampled)."""
-
-    texts: list[list[str]]
-    ids: list[list[list[int]]]
-    ended: list[list[bool]]
-
-    def to_rows(self) -> list[dict]:
-        return [{"texts": t, "ids": i, "ended": e} for t, i, e in zip(self.texts, self.ids, self.ended)]
-
-    @classmethod
-    def from_rows(cls, rows: list[dict]) -> "Responses":
-        return cls([r["texts"] for r in rows], [r["ids"] for r in rows], [r["ended"] for r in rows])
 
 
 def judge_spec(spec: str) -> str:
@@ -56,32 +39,13 @@ def judge_spec(spec: str) -> str:
 
 def generate(model, tokenizer, prompts: list[PromptItem], sampling: SamplingConfig, *, seed: int,
              precision: str = "fp32", progress: bool = True, desc: str = "sample") -> Responses:
-    """``sampling.num_responses`` responses per prompt, in batches of ``gen_batch_size`` prompts (KV cache)."""
-    from tqdm.auto import tqdm
-
-    k = sampling.num_responses
-    texts, ids, ended = [], [], []
-    generator = torch.Generator().manual_seed(seed)
+    """``sampling.num_responses`` responses per prompt from a generator seeded with ``seed`` (each model
+    compared gets its own, so A's and B's draws do not depend on each other)."""
     from ..memory import for_precision
 
     for_precision(precision)  # autocast casts every weight each forward: reuse freed blocks (alignkit.memory)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    with autocast, torch.no_grad(), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
-        for s in range(0, len(prompts), sampling.gen_batch_size):
-            batch = prompts[s:s + sampling.gen_batch_size]
-            roll = sample_k(model, [p.ids for p in batch], k, max_new_tokens=sampling.max_new_tokens,
-                            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                            generator=generator)
-            out = roll.texts(tokenizer)
-            rows = [r[:n].tolist() for r, n in zip(roll.response_ids, roll.response_lengths.tolist())]
-            eos = roll.ended_with_eos.tolist()
-            for i in range(len(batch)):
-                texts.append(out[i * k:(i + 1) * k])
-                ids.append(rows[i * k:(i + 1) * k])
-                ended.append(eos[i * k:(i + 1) * k])
-            bar.update(len(batch))
-    return Responses(texts, ids, ended)
+    return sample_prompts(model, tokenizer, prompts, sampling, generator=torch.Generator().manual_seed(seed),
+                          precision=precision, progress=progress, desc=desc)
 
 
 @torch.no_grad()

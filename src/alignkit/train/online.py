@@ -13,7 +13,7 @@
   (any loss of the family) on the round's pairs; the reference is the round's starting policy or the
   initial model. Each round lives in ``rounds/round-N/``; the final policy is copied to the root.
 
-Sampling uses the rollout layer (``rollout.generate``, KV cache); prompts are any rows with a
+Sampling uses the rollout layer (``rollout.sample``, KV cache); prompts are any rows with a
 ``prompt``. Outputs are written to a temporary file and renamed, so they are never half-written.
 """
 
@@ -31,31 +31,11 @@ from ..config import DataConfig, DPOConfig, GenerateConfig, ModelConfig, OnlineD
 from ..data.prompts import PromptItem, load_prompts
 from ..errors import InputError
 from ..models import load_causal_lm, load_tokenizer
-from ..rollout.generate import sample_k
 from ..rollout.judges import load_judge
+from ..rollout.sample import sample_prompts
 
 
 # ----------------------------------------------------------------------------- sampling and judging
-
-def sample_responses(model, tokenizer, prompts: list[PromptItem], sampling: SamplingConfig, *, precision: str = "fp32",
-                     progress: bool = True, desc: str = "sample") -> list[list[str]]:
-    """``sampling.num_responses`` responses (texts) per prompt, in batches of ``gen_batch_size`` prompts."""
-    from tqdm.auto import tqdm
-
-    k = sampling.num_responses
-    out: list[list[str]] = []
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    with autocast, tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
-        for s in range(0, len(prompts), sampling.gen_batch_size):
-            batch = prompts[s:s + sampling.gen_batch_size]
-            roll = sample_k(model, [p.ids for p in batch], k, max_new_tokens=sampling.max_new_tokens,
-                            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            texts = roll.texts(tokenizer)
-            out += [texts[i * k:(i + 1) * k] for i in range(len(batch))]
-            bar.update(len(batch))
-    return out
-
 
 def judge_all(judge, prompts: list[PromptItem], responses: list[list[str]]) -> list[list[float]]:
     flat_p = [p.text for p, rs in zip(prompts, responses) for _ in rs]
@@ -121,7 +101,7 @@ def run_generate(cfg: GenerateConfig, sampling: SamplingConfig, mode: str = "gen
     if mode == "rso" and sampling.num_responses < cfg.num_accept:
         raise InputError(f"rso samples --num-responses {sampling.num_responses} per prompt but is asked to accept "
                          f"--num-accept {cfg.num_accept}", field="num_responses")
-    responses = sample_responses(model, tokenizer, prompts, sampling, precision=cfg.precision, progress=cfg.progress)
+    responses = sample_prompts(model, tokenizer, prompts, sampling, precision=cfg.precision, progress=cfg.progress).texts
     if mode == "generate":
         rows = [{"prompt": p.text, "responses": rs} for p, rs in zip(prompts, responses)]
         return write_jsonl(cfg.output, rows)
@@ -174,8 +154,8 @@ def run_online_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig,
         round_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(train_cfg.seed + r)
         policy = load_causal_lm(current, trust_remote_code=model.trust_remote_code).eval()
-        responses = sample_responses(policy, tokenizer, prompts, sampling, precision=model.precision,
-                                     progress=train_cfg.progress, desc=f"round {r}: sample")
+        responses = sample_prompts(policy, tokenizer, prompts, sampling, precision=model.precision,
+                                   progress=train_cfg.progress, desc=f"round {r}: sample").texts
         del policy
         scores = judge_all(judge, prompts, responses)
         write_jsonl(round_dir / "samples.jsonl", [{"prompt": p.text, "responses": rs, "scores": sc}
@@ -252,8 +232,8 @@ def run_iterated_rlhf(model: ModelConfig, data: DataConfig, train_cfg: TrainConf
         round_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(train_cfg.seed + r)
         policy = load_causal_lm(current, trust_remote_code=model.trust_remote_code).eval()
-        responses = sample_responses(policy, tokenizer, prompts, sampling, precision=model.precision,
-                                     progress=train_cfg.progress, desc=f"round {r}: sample")
+        responses = sample_prompts(policy, tokenizer, prompts, sampling, precision=model.precision,
+                                   progress=train_cfg.progress, desc=f"round {r}: sample").texts
         del policy
         scores = judge_all(labeler, prompts, responses)
         new = [{"prompt": p.text, "responses": rs, "scores": sc} for p, rs, sc in zip(prompts, responses, scores)
