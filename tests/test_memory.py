@@ -51,3 +51,57 @@ def test_the_cli_setting_allows_mmap_again(monkeypatch):
     monkeypatch.setattr(memory, "_mallopt", lambda *settings: calls.append(settings) or True)
     assert memory.return_freed_memory_to_os() is True
     assert calls == [((memory._M_MMAP_THRESHOLD, 64 * 1024), (memory._M_MMAP_MAX, 65536))]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_after_training_hands_the_freed_heap_back(tmp_path):
+    """The training setting never trims: 200 MB allocated and freed stay resident until after_training.
+    In a child process, so this session's heap does not blur the numbers."""
+    import subprocess
+
+    code = """
+import torch
+from alignkit import memory
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+memory.for_training()
+base = rss()
+blocks = [torch.ones(1 << 20) for _ in range(50)]  # 50 x 4 MiB, from the heap
+del blocks
+kept = rss() - base
+assert memory.after_training() is True
+print(kept, rss() - base)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    kept, after = float(out[0]), float(out[1])
+    assert kept > 150 and after < 50, (kept, after)
+
+
+def test_train_frees_the_optimizer_state_before_the_final_save(tiny_model_dir, sample_prefs, tmp_path, monkeypatch):
+    """accelerate keeps the prepared optimizer referenced; the loop must drop AdamW's moments itself,
+    or they stay resident through the final save (and whatever the process runs next)."""
+    import torch
+
+    from alignkit import cli
+    from alignkit.train import dpo, loop
+
+    made = []
+
+    class Recorded(torch.optim.AdamW):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    seen = []
+    real_finish = dpo.finish_run
+
+    def finish(*a, **k):
+        seen.append([len(opt.state) for opt in made])
+        return real_finish(*a, **k)
+
+    monkeypatch.setattr(loop.torch.optim, "AdamW", Recorded)
+    monkeypatch.setattr(dpo, "finish_run", finish)
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["dpo", "--model", str(tiny_model_dir), "--data", str(sample_prefs(4)), "--output-dir",
+                     str(tmp_path / "out"), "--batch-size", "2", "--max-steps", "1", "--no-progress"]) == 0
+    assert len(made) == 1 and seen == [[0]]

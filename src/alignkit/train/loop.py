@@ -469,5 +469,8 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
             in_place.restore()
     bar.close()
     log.close()
+    # Done with AdamW's moments (2x the trainable weights). accelerate keeps the prepared optimizer
+    # referenced, so free them here, before the final save (memory.after_training hands them back).
+    getattr(optimizer, "optimizer", optimizer).state.clear()
     return LoopResult(step=steps, metrics=last, sharded=sharded)
 

@@ -61,6 +61,9 @@ def finish_run(accelerator, model, save: Callable[[Any], None], sharded=None) ->
     ``sharded``: the loop's FSDP-sharded module holding ``model``. Its full weights are gathered
     (every process takes part) and rank 0 saves an unsharded copy of the same architecture.
     """
+    from ..memory import after_training
+
+    after_training()  # the loop's optimizer state and freed blocks go back to the OS before the save
     if sharded is not None:
         state = fsdp.full_state(sharded, trainable_only=False)
         if accelerator.is_main_process:
