@@ -187,6 +187,20 @@ def test_save_lora_merged(tmp_path, tokenizer):
     torch.testing.assert_close(_logits(peft_model), expected, rtol=0, atol=0)
 
 
+def test_consuming_merge_writes_the_same_files(tmp_path, tokenizer):
+    """consume=True (a run's final save) merges in place instead of on a deep copy: same files."""
+    from safetensors.torch import load_file
+
+    peft_model = _perturbed_lora(make_tiny_llama(len(tokenizer)))
+    save_model(peft_model, tokenizer, tmp_path / "copy", merge_lora=True)
+    assert any("lora_" in name for name, _ in peft_model.named_parameters())  # the copy left it adapted
+    save_model(peft_model, tokenizer, tmp_path / "consumed", merge_lora=True, consume=True)
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "copy" / name)), load_file(str(tmp_path / "consumed" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not any("lora_" in name for name, _ in peft_model.named_parameters())  # merged in place
+
+
 def test_load_adapter_folder_merges_onto_base(tmp_path, tiny_model_dir, tokenizer):
     peft_model = _perturbed_lora(load_causal_lm(str(tiny_model_dir)))
     expected = _logits(peft_model)

@@ -206,6 +206,6 @@ def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: D
                                                     pad_to_multiple=multiple),
           step_fn=step_fn, cfg=train_cfg, out_dir=out_dir,
           eval_examples=wrap("eval", eval_pairs) if eval_pairs else None)
-    finish_run(accelerator, policy, lambda m: save_model(m, tokenizer, out_dir, merge_lora=model.merge),
+    finish_run(accelerator, policy, lambda m: save_model(m, tokenizer, out_dir, merge_lora=model.merge, consume=True),
                sharded=module if result.sharded else None)
     return out_dir

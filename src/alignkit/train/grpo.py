@@ -99,5 +99,5 @@ def run_grpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, rollo
             out_dir=out_dir, make_experience=make, kl_ctl=rl.FixedKLController(rollout.kl_coef),
             minibatch_loss=partial(grpo_minibatch_loss, rollout=rollout, on_policy=rollout.ppo_epochs == 1),
             responses_per_prompt=grpo.num_generations, desc=grpo.baseline == "loo" and "rloo" or "grpo")
-    finish_run(accelerator, policy, lambda m: save_model(m, tokenizer, out_dir, merge_lora=model.merge))
+    finish_run(accelerator, policy, lambda m: save_model(m, tokenizer, out_dir, merge_lora=model.merge, consume=True))
     return out_dir

@@ -221,9 +221,9 @@ def run_ppo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, rollou
             minibatch_loss=partial(ppo_minibatch_loss, rollout=rollout, ppo=ppo, ptx=ptx, kl_ctl=kl_ctl))
 
     def save(_):
-        save_model(policy, tokenizer, out_dir, merge_lora=model.merge)
+        save_model(policy, tokenizer, out_dir, merge_lora=model.merge, consume=True)
         if value_model is not None:  # the trained value model, loadable like a reward model
-            save_model(value_model, tokenizer, out_dir / "value", merge_lora=True)
+            save_model(value_model, tokenizer, out_dir / "value", merge_lora=True, consume=True)
         else:
             from safetensors.torch import save_file
 

@@ -118,6 +118,6 @@ def run_rm(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, rm: RMC
                    collate=partial(collate_rankings, pad_token_id=pad_id),
                    step_fn=partial(rm_step, center_coef=rm.center_rewards_coef), cfg=train_cfg, out_dir=out_dir,
                    eval_examples=eval_items)
-    finish_run(accelerator, rm_model, lambda m: save_model(m, tokenizer, out_dir, merge_lora=merge),
+    finish_run(accelerator, rm_model, lambda m: save_model(m, tokenizer, out_dir, merge_lora=merge, consume=True),
                sharded=module if result.sharded else None)
     return out_dir

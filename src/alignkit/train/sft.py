@@ -116,6 +116,6 @@ def run_sft(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, sft: S
     result = train(accelerator=accelerator, module=module, save_target=policy, examples=examples, collate=collate,
                    step_fn=sft_step, cfg=train_cfg, out_dir=out_dir, eval_examples=eval_examples,
                    derive=with_perplexity)
-    finish_run(accelerator, policy, lambda m: save_model(m, tokenizer, out_dir, merge_lora=model.merge),
+    finish_run(accelerator, policy, lambda m: save_model(m, tokenizer, out_dir, merge_lora=model.merge, consume=True),
                sharded=module if result.sharded else None)
     return out_dir
