@@ -282,7 +282,7 @@ def save_model(model, tokenizer, output_dir, *, merge_lora: bool = False, consum
 
     ``consume``: the caller is done with ``model`` (a run's final save), so a LoRA merge happens in
     place, after the adapter is written, instead of on a deep copy: no second copy of the base
-    weights at the end of the run (~540 MB on the embedded model; the peak of `alignkit demo`).
+    weights at the end of the run (+534 MB on the embedded model, the peak of a LoRA ``--merge`` run).
     The files are the same; ``model`` is left merged and unwrapped."""
     _check_finite(model)
     out = Path(output_dir)

@@ -101,7 +101,8 @@ def run_generate(cfg: GenerateConfig, sampling: SamplingConfig, mode: str = "gen
     if mode == "rso" and sampling.num_responses < cfg.num_accept:
         raise InputError(f"rso samples --num-responses {sampling.num_responses} per prompt but is asked to accept "
                          f"--num-accept {cfg.num_accept}", field="num_responses")
-    responses = sample_prompts(model, tokenizer, prompts, sampling, precision=cfg.precision, progress=cfg.progress).texts
+    responses = sample_prompts(model, tokenizer, prompts, sampling, precision=cfg.precision,
+                               progress=cfg.progress).texts
     if mode == "generate":
         rows = [{"prompt": p.text, "responses": rs} for p, rs in zip(prompts, responses)]
         return write_jsonl(cfg.output, rows)
