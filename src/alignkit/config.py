@@ -9,12 +9,18 @@ config is saved with the run as ``config.yaml``, grouped by concern.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InputError
+from .precision import resolve as _resolve_precision
+
+# fp32, bf16 autocast, or auto (bf16 where the hardware has it natively, else fp32: alignkit.precision);
+# "auto" is resolved when the config is built, so every run sees, and config.yaml records, fp32 or bf16
+Precision = Annotated[Literal["fp32", "bf16", "auto"], AfterValidator(_resolve_precision)]
+_AUTO = "; auto = bf16 where the CPU/GPU has native bf16 (AVX512-BF16, AMX), else fp32"
 
 
 class _Section(BaseModel):
@@ -28,7 +34,7 @@ class ModelConfig(_Section):
     lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (default 2 x rank)")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout")
     merge: bool = Field(False, description="with LoRA: also write merged full weights to the output folder")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (weights and optimizer stay fp32)")
+    precision: Precision = Field("fp32", description="fp32, or bf16 autocast (weights and optimizer stay fp32)" + _AUTO)
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
 
 
@@ -109,7 +115,7 @@ class ScoreConfig(_Section):
     max_length: int = Field(512, ge=2, description="max tokens of prompt + response")
     max_prompt_length: int = Field(256, ge=1, description="max prompt tokens (the END of the prompt is kept)")
     chat_template_for_plain: bool = Field(False, description="render plain-string prompts with the chat template")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast")
+    precision: Precision = Field("fp32", description="fp32, or bf16 autocast" + _AUTO)
     trust_remote_code: bool = Field(False, description="allow model code from the model folder")
     progress: bool = Field(True, description="show a progress bar")
     overwrite: bool = Field(False, description="replace an existing --output file")
@@ -188,7 +194,7 @@ class GenerateConfig(_Section):
     rso_beta: float = Field(0.5, gt=0, description="rso: beta of the target policy pi_ref * exp(r / beta)")
     num_accept: int = Field(2, ge=2, description="rso: responses accepted per prompt (then paired for DPO)")
     seed: int = Field(42, description="sampling seed")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast")
+    precision: Precision = Field("fp32", description="fp32, or bf16 autocast" + _AUTO)
     trust_remote_code: bool = Field(False, description="allow model code from the model folder")
     overwrite: bool = Field(False, description="replace an existing --output file")
     progress: bool = Field(True, description="show a progress bar")
@@ -233,7 +239,7 @@ class EvalConfig(_Section):
                                                             "(the judge always sees the plain text)")
     skip_invalid: bool = Field(False, description="skip bad rows (and report them) instead of stopping")
     seed: int = Field(42, description="sampling seed (the same for both models)")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="fp32, or bf16 autocast for sampling")
+    precision: Precision = Field("auto", validate_default=True, description="fp32, or bf16 autocast for sampling" + _AUTO)
     trust_remote_code: bool = Field(False, description="allow model code from the model folders")
     overwrite: bool = Field(False, description="replace an evaluation already in --output-dir")
     progress: bool = Field(True, description="show progress bars")
@@ -267,7 +273,7 @@ class PipelineConfig(_Section):
     temperature: float = Field(0.8, gt=0, description="sampling temperature for the preference data and PPO")
     eval_temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation")
     lora_r: int = Field(16, ge=0, description="LoRA rank of every trained model; 0 = full fine-tuning")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast (weights stay fp32) or fp32")
+    precision: Precision = Field("auto", validate_default=True, description="bf16 autocast (weights stay fp32) or fp32" + _AUTO)
     rm_steps: int | None = Field(None, ge=1, description="reward-model steps (default 36, --quick 12)")
     rl_steps: int | None = Field(None, ge=1, description="PPO/GRPO steps (default 16, --quick 4)")
     dpo_steps: int | None = Field(None, ge=1, description="steps per DPO-family method (default 26, --quick 12)")

@@ -76,6 +76,9 @@ def run_score(cfg: ScoreConfig) -> Path:
     scores: dict[tuple[int, int], float] = {}
     from tqdm.auto import tqdm
 
+    from .precision import warn_if_emulated
+
+    warn_if_emulated(cfg.precision)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     with torch.no_grad(), autocast, tqdm(total=len(seqs), desc="score", unit="seq", disable=not cfg.progress) as bar:
         for s in range(0, len(order), cfg.batch_size):

@@ -18,9 +18,10 @@ rerun skips what is finished; ``--overwrite`` recomputes everything):
                  rubric score, KL to the SFT model, response length.
 7. ``report.md`` plus PNG plots (``demo.report``); the table is printed at the end.
 
-Every trained model is a LoRA adapter (``--lora-r``) trained under bf16 autocast: on a 2-core CPU
-that is what makes the full demo fit in minutes. ``stage_seconds`` in ``summary.json`` says where the
-time went.
+Every trained model is a LoRA adapter (``--lora-r``). ``--precision auto`` (the default) trains and
+samples under bf16 autocast where the CPU has native bf16 (on a 2-core CPU with it, that is what makes
+the full demo fit in minutes) and in fp32 where bf16 would be emulated (24x slower there:
+alignkit.precision). ``stage_seconds`` in ``summary.json`` says where the time went.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ def sample_prompts(model, tokenizer, prompts: list[PromptItem], sampling: Sampli
     bf16 autocast for ``precision="bf16"``. ``generator``: the sampling RNG (default: torch's global one)."""
     from tqdm.auto import tqdm
 
+    from ..precision import warn_if_emulated
+
+    warn_if_emulated(precision)
     k = sampling.num_responses
     texts, ids, ended = [], [], []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -32,7 +32,10 @@ def make_accelerator(precision: str, seed: int):
                          "(torchrun ... --fsdp, or accelerate launch --use_fsdp)", field="launcher")
     set_seed(seed)
     from ..memory import for_precision
+    from ..precision import warn_if_emulated
 
+    if acc.is_main_process:
+        warn_if_emulated(precision)
     for_precision(precision)  # autocast's per-step weight casts: reuse freed blocks (alignkit.memory)
     return acc
 
