@@ -23,9 +23,6 @@ import functools
 import sys
 from pathlib import Path
 
-CHOICES = ("fp32", "bf16", "auto")
-
-
 @functools.cache
 def native_bf16() -> bool:
     """Does this machine compute bf16 products natively: a CUDA device with bf16 support, else the CPU's
