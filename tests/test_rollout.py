@@ -614,30 +614,43 @@ def test_prepacked_bf16_linear_matches_autocast():
 
 
 def _llama_variant(vocab: int, variant: str):
-    """Tiny Llamas that exercise the decoder's layout: grouped-query attention (4 query heads on 2
-    key/value heads), biases on every projection, linear RoPE scaling; logits sharpened as in ``policy``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Tiny models that exercise the decoder's layout: Llamas with grouped-query attention (4 query heads
+    on 2 key/value heads), biases on every projection, or linear RoPE scaling; and the other members of
+    the family (Mistral; Qwen2 with q/k/v biases and a sliding window on its second layer, wider than the
+    generations here; Qwen3 with its per-head q/k norms, their weights made to matter). Logits sharpened
+    as in ``policy``."""
+    import transformers
 
     torch.manual_seed(1)
-    extra = {"gqa": dict(num_key_value_heads=2),
-             "bias": dict(attention_bias=True, mlp_bias=True),
-             "rope": dict(rope_scaling={"rope_type": "linear", "factor": 2.0})}[variant]
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=512, **{"num_key_value_heads": 4, **extra})
-    model = LlamaForCausalLM(cfg).eval()
+    cls, extra = {"gqa": ("Llama", dict(num_key_value_heads=2)),
+                  "bias": ("Llama", dict(attention_bias=True, mlp_bias=True)),
+                  "rope": ("Llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+                  "mistral": ("Mistral", dict(num_key_value_heads=2, sliding_window=None)),
+                  "mistral-window": ("Mistral", dict(num_key_value_heads=2, sliding_window=64)),
+                  "qwen2": ("Qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=64,
+                                          max_window_layers=1)),
+                  "qwen3": ("Qwen3", dict(num_key_value_heads=2, head_dim=16))}[variant]
+    cfg = getattr(transformers, f"{cls}Config")(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512, tie_word_embeddings=False, **{"num_key_value_heads": 4, **extra})
+    model = getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
-        for m in model.modules():
+        for name, m in model.named_modules():
             if isinstance(m, torch.nn.Linear) and m.bias is not None:
                 m.bias.normal_(0, 0.02)  # biases that change the tokens (larger ones collapse the output)
+            if name.endswith(("q_norm", "k_norm")):
+                m.weight.normal_(1.0, 0.3)
     return model
 
 
-@pytest.mark.parametrize("variant", ["policy", "gqa", "bias", "rope"])
+@pytest.mark.parametrize("variant", ["policy", "gqa", "bias", "rope", "mistral", "mistral-window", "qwen2", "qwen3"])
 def test_llama_decoder_decodes_as_transformers(policy, prompt_ids, monkeypatch, variant):
     """The flat Llama step (fused, prepacked products; one key/value buffer per layer) gives the tokens
     and log-probs of transformers' own decoding, for left-padded prompts of different lengths, with
-    grouped-query heads, projection biases and scaled RoPE; and it is the path generate takes."""
+    grouped-query heads, projection biases and scaled RoPE, and for Mistral, Qwen2 (q/k/v biases, a
+    sliding window wider than the generation) and Qwen3 (per-head q/k norms); and it is the path
+    generate takes."""
     model = policy if variant == "policy" else _llama_variant(policy.config.vocab_size, variant)
     eos = _unused_id(torch.tensor([0]))
     steps = []
@@ -687,6 +700,54 @@ def test_llama_decoder_only_for_plain_fp32_llamas(policy, prompt_ids):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(llama_decode, "ENABLED", False)
         assert llama_decode.llama_decoder(policy, 3, 20, _prepack) is None
+
+
+def test_llama_decoder_takes_the_llama_family_and_only_where_a_sliding_window_cannot_bite(policy):
+    """Mistral, Qwen2 and Qwen3 decode through the flat step; a subclass of a family class (which may
+    change the layer) does not; a sliding window narrower than prompt + new tokens keeps transformers'
+    masks, which drop the early keys, while a window as wide as the generation takes the step."""
+    from alignkit.rollout.generate import _prepack
+
+    vocab = policy.config.vocab_size
+    for variant in ("mistral", "qwen2", "qwen3"):
+        assert llama_decode.llama_decoder(_llama_variant(vocab, variant), 3, 20, _prepack) is not None, variant
+    windowed = _llama_variant(vocab, "mistral-window")  # sliding_window 64
+    assert llama_decode.llama_decoder(windowed, 3, 64, _prepack) is not None
+    assert llama_decode.llama_decoder(windowed, 3, 65, _prepack) is None
+    qwen2 = _llama_variant(vocab, "qwen2")  # its second layer slides over 64 positions
+    assert llama_decode.llama_decoder(qwen2, 3, 65, _prepack) is None
+    subclass = type("MyLlama", (type(policy),), {})
+    mine = copy.deepcopy(policy)
+    mine.__class__ = subclass
+    assert llama_decode.llama_decoder(mine, 3, 20, _prepack) is None
+
+
+def _generate_both(model, prompt_ids, monkeypatch, **kwargs):
+    """generate() through the flat step and through transformers' forward (greedy), with the step's calls counted."""
+    eos = _unused_id(torch.tensor([0]))
+    steps, runs = [], {}
+    step = llama_decode.LlamaDecoder.step
+    monkeypatch.setattr(llama_decode.LlamaDecoder, "step", lambda self, *a: steps.append(1) or step(self, *a))
+    for fast in (True, False):
+        monkeypatch.setattr(llama_decode, "ENABLED", fast)
+        runs[fast] = generate(model, prompt_ids, eos_token_id=eos, pad_token_id=0, greedy=True, **kwargs)
+    return runs[True], runs[False], len(steps)
+
+
+def test_a_sliding_window_that_bites_is_left_to_transformers(prompt_ids, policy, monkeypatch):
+    """With a window narrower than the generation, transformers' masks change the tokens (the early keys
+    drop out), so generate must decode through them: the step is never called. That the window bites
+    here is checked too: the same weights without a window give other tokens (which the step, blind to
+    the window, would have produced)."""
+    windowed = _llama_variant(policy.config.vocab_size, "mistral-window")
+    windowed.config.sliding_window = 6
+    open_ = copy.deepcopy(windowed)
+    open_.config.sliding_window = None
+    fast, _, steps = _generate_both(windowed, prompt_ids, monkeypatch, max_new_tokens=12)
+    assert steps == 0
+    unwindowed, generic, steps = _generate_both(open_, prompt_ids, monkeypatch, max_new_tokens=12)
+    assert steps > 0 and torch.equal(unwindowed.response_ids, generic.response_ids)
+    assert not torch.equal(unwindowed.response_ids, fast.response_ids)  # the window did bite
 
 
 def test_sample_k_runs_each_prompt_once_and_matches_the_padded_batch(policy, prompt_ids, monkeypatch):

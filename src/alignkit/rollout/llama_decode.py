@@ -1,4 +1,5 @@
-"""One decoding step of a Llama model, written out over prepacked, fused weights.
+"""One decoding step of a Llama-family model (Llama, Mistral, Qwen2, Qwen3), written out over
+prepacked, fused weights.
 
 :func:`alignkit.rollout.generate` feeds one token per row per step. On a small model on the CPU,
 transformers' forward spent ~20 of such a step's ~50 ms (SmolLM2-135M, 8 rows) outside the matrix
@@ -14,15 +15,22 @@ products: ~25 module calls per layer, a new attention mask, a cache object. This
   attention over all its columns with a (B, 1, 1, columns) bool mask, the query heads of a key/value
   head grouped as transformers' SDPA path groups them for one query position.
 
+Mistral, Qwen2 and Qwen3 are Llama's layer with small changes, which the step covers: biases on
+q, k and v (Qwen2; fused with the weights), RMSNorm over each head's queries and keys before RoPE
+(Qwen3's ``q_norm`` / ``k_norm``), and sliding-window attention, which the decoder takes only where
+the window cannot bite (prompt + new tokens <= ``sliding_window``; longer generations keep
+transformers' masks).
+
 The prompt itself (prefill) still runs through the model with a ``DynamicCache``; :meth:`load`
 copies its keys and values in. For :func:`~alignkit.rollout.generate.sample_k` (k responses per
 prompt, GRPO's groups) the prefill runs each distinct prompt once and its keys and values are copied
-to its k rows. :func:`llama_decoder` builds the decoder only for a plain ``LlamaForCausalLM`` with
-fp32 weights on the CPU, without hooks or replaced forwards; under bf16 autocast its products run
-on bf16 copies of the weights, as autocast's would. Anything else (LoRA wrappers, other
-architectures, fp16) keeps the generic path. The tests check it against transformers' decoding:
-in fp32 the same greedy and sampled tokens (test-sized runs) and log-probs to 2e-5; under bf16 the same greedy tokens, and log-probs as
-close to the fp32 model's as transformers' bf16 ones.
+to its k rows. :func:`llama_decoder` builds the decoder only for a plain ``LlamaForCausalLM``,
+``MistralForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` with fp32 weights on the CPU,
+without hooks or replaced forwards; under bf16 autocast its products run on bf16 copies of the
+weights, as autocast's would. Anything else (LoRA wrappers, other architectures, fp16) keeps the
+generic path. The tests check it against transformers' decoding, for each of the four: in fp32 the
+same greedy and sampled tokens (test-sized runs) and log-probs to 2e-5; under bf16 the same greedy
+tokens, and log-probs as close to the fp32 model's as transformers' bf16 ones.
 
 SmolLM2-135M, ``sample_k`` of 2 prompts x 4, 64 new tokens, 2 cores, alternating runs: fp32
 2.94-3.42 s per generation against 3.55-4.11 s for transformers' forward over prepacked weights;
@@ -30,6 +38,8 @@ bf16 autocast 2.31-2.35 s against 2.82-3.02 s (benchmarks/README.md, bench_rl se
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +54,6 @@ class LlamaDecoder:
     """Decoding steps for ``rows`` sequences of at most ``length`` positions (prompt + new tokens)."""
 
     def __init__(self, model, rows: int, length: int, prepack, dtype: torch.dtype = torch.float32):
-        from transformers.models.llama.modeling_llama import rotate_half
-
         def packed(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
             """The layers' weights stacked along the outputs, in ``dtype``, blocked for B rows; their biases."""
             weights = [layer.weight.detach().to(dtype) for layer in layers]  # (outputs, inputs) each
@@ -56,7 +64,7 @@ class LlamaDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
-        self.rotate_half = rotate_half
+        self.rotate_half = sys.modules[type(model).__module__].rotate_half  # the model's own module's
         self.dtype = dtype
         self.head = packed([model.lm_head])
         self.layers = []
@@ -67,6 +75,8 @@ class LlamaDecoder:
                 "gate_up": packed([mlp.gate_proj, mlp.up_proj]), "down": packed([mlp.down_proj]),
                 "norm_in": layer.input_layernorm, "norm_post": layer.post_attention_layernorm,
                 "act": mlp.act_fn, "inter": mlp.gate_proj.out_features, "scale": attn.scaling,
+                # Qwen3: RMSNorm over each head's queries and keys, before RoPE (None elsewhere)
+                "q_norm": getattr(attn, "q_norm", None), "k_norm": getattr(attn, "k_norm", None),
                 # (B, kv heads, length, head dim), written at each row's column as tokens are fed
                 "keys": torch.zeros(rows, self.kv_heads, length, self.head_dim),
                 "values": torch.zeros(rows, self.kv_heads, length, self.head_dim),
@@ -91,6 +101,8 @@ class LlamaDecoder:
             qkv = self._linear(layer["norm_in"].forward(h), layer["qkv"])  # (B, (heads + 2 kv) * dim)
             # RoPE on the queries and keys in one pass, as apply_rotary_pos_emb does to each
             qk = qkv[:, :(heads + kv) * dim].view(rows, heads + kv, dim)
+            if layer["q_norm"] is not None:  # Qwen3
+                qk = torch.cat([layer["q_norm"].forward(qk[:, :heads]), layer["k_norm"].forward(qk[:, heads:])], 1)
             qk = qk * cos + self.rotate_half(qk) * sin  # (B, heads + kv, dim)
             q = qk[:, :heads]  # (B, heads, dim)
             layer["keys"][:, :, column] = qk[:, heads:]
@@ -116,17 +128,28 @@ def _cat_bias(layers, dtype: torch.dtype) -> torch.Tensor | None:
                       .to(dtype) for layer in layers])
 
 
+# The causal LMs whose decoder layer the step reproduces: transformers' class name -> model folder
+FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+          "Qwen3ForCausalLM": "qwen3"}
+
+
+def _family_class(model) -> bool:
+    """Is ``model`` exactly one of transformers' :data:`FAMILY` classes? A subclass may change the layer.
+    Compared by name and module, so checking a Llama imports no other model's code."""
+    folder = FAMILY.get(type(model).__name__)
+    return folder is not None and type(model).__module__ == f"transformers.models.{folder}.modeling_{folder}"
+
+
 def llama_decoder(model, rows: int, length: int, prepack=onednn.prepack) -> LlamaDecoder | None:
-    """A :class:`LlamaDecoder` where the model is a plain ``LlamaForCausalLM`` with fp32 weights on the
+    """A :class:`LlamaDecoder` where the model is a plain :data:`FAMILY` model with fp32 weights on the
     CPU, outside autocast or under bf16 autocast (then its products run on bf16 copies, as autocast's),
-    with no module hooks or per-instance forwards and ``prepack`` (:func:`.onednn.prepack`) available;
-    else None (the caller keeps transformers' forward)."""
-    try:
-        from transformers import LlamaForCausalLM
-    except ImportError:
-        return None
+    with no module hooks or per-instance forwards, no sliding window shorter than ``length`` and
+    ``prepack`` (:func:`.onednn.prepack`) available; else None (the caller keeps transformers' forward)."""
     dtype = onednn.decode_dtype()
-    if not ENABLED or type(model) is not LlamaForCausalLM or dtype not in (torch.float32, torch.bfloat16):
+    if not ENABLED or not _family_class(model) or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    window = getattr(model.config, "sliding_window", None)  # Mistral's, or Qwen's with use_sliding_window
+    if window is not None and length > window:  # the window would drop early keys: transformers' masks do that
         return None
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         return None
