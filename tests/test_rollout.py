@@ -750,6 +750,64 @@ def test_a_sliding_window_that_bites_is_left_to_transformers(prompt_ids, policy,
     assert not torch.equal(unwindowed.response_ids, fast.response_ids)  # the window did bite
 
 
+_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora(model, **kwargs):
+    """peft LoRA (r 4, dropout 0.1) on every projection of a copy of ``model``; B drawn at random, so
+    (unlike peft's zero start) the adapters change the tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                                 target_modules=_LORA_TARGETS, **kwargs))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return peft_model
+
+
+@pytest.mark.parametrize("variant", ["policy", "qwen2"])
+def test_llama_decoder_decodes_lora_models_on_merged_weights(policy, prompt_ids, monkeypatch, variant):
+    """A LoRA policy (PPO's and GRPO's rollouts with --lora-r) decodes through the flat step on base +
+    scaling * B A: the tokens and log-probs of peft's own forward (greedy and sampled, dropout off in eval);
+    with the adapters disabled (the reference of a LoRA run), the base model's tokens. The adapters do
+    change the tokens here, so a step that ignored them would fail."""
+    base = policy if variant == "policy" else _llama_variant(policy.config.vocab_size, variant)
+    model = _lora(base)
+    fast, slow, steps = _generate_both(model, prompt_ids, monkeypatch, max_new_tokens=10)
+    assert steps == 9
+    assert torch.equal(fast.response_ids, slow.response_ids)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=2e-5, rtol=0)
+    eos = _unused_id(torch.tensor([0]))
+    sampled = {}
+    for on in (True, False):
+        monkeypatch.setattr(llama_decode, "ENABLED", on)
+        sampled[on] = generate(model, prompt_ids, max_new_tokens=10, temperature=0.7, eos_token_id=eos, pad_token_id=0,
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled[True].response_ids, sampled[False].response_ids)
+    torch.testing.assert_close(sampled[True].logprobs, sampled[False].logprobs, atol=2e-5, rtol=0)
+    plain, _, _ = _generate_both(base, prompt_ids, monkeypatch, max_new_tokens=10)
+    assert not torch.equal(plain.response_ids, fast.response_ids)  # the adapters matter
+    with model.disable_adapter():
+        off, _, steps = _generate_both(model, prompt_ids, monkeypatch, max_new_tokens=10)
+    assert steps == 9 and torch.equal(off.response_ids, plain.response_ids)
+    torch.testing.assert_close(off.logprobs, plain.logprobs, atol=2e-5, rtol=0)
+    assert all(not m.merged for m in model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A"))
+
+
+def test_llama_decoder_leaves_other_peft_setups_to_peft(policy):
+    """What the merged weight does not reproduce keeps the generic path: DoRA, a bias on B, a module peft
+    trains in full (modules_to_save wraps the LM head)."""
+    from alignkit.rollout.generate import _prepack
+
+    assert llama_decode.llama_decoder(_lora(policy), 3, 20, _prepack) is not None
+    assert llama_decode.llama_decoder(_lora(policy, use_dora=True), 3, 20, _prepack) is None
+    assert llama_decode.llama_decoder(_lora(policy, lora_bias=True), 3, 20, _prepack) is None
+    assert llama_decode.llama_decoder(_lora(policy, modules_to_save=["lm_head"]), 3, 20, _prepack) is None
+
+
 def test_sample_k_runs_each_prompt_once_and_matches_the_padded_batch(policy, prompt_ids, monkeypatch):
     """k samples per prompt through the Llama decoder: the prefill sees each distinct prompt once
     (3 rows, not 3k), and the k rows continue from copies of its keys and values: the same tokens and

@@ -27,8 +27,10 @@ prompt, GRPO's groups) the prefill runs each distinct prompt once and its keys a
 to its k rows. :func:`llama_decoder` builds the decoder only for a plain ``LlamaForCausalLM``,
 ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` with fp32 weights on the CPU,
 without hooks or replaced forwards; under bf16 autocast its products run on bf16 copies of the
-weights, as autocast's would. Anything else (LoRA wrappers, other architectures, fp16) keeps the
-generic path. The tests check it against transformers' decoding, for each of the four: in fp32 the
+weights, as autocast's would. Under peft LoRA (a LoRA policy's rollouts in PPO and GRPO) each
+weight is blocked as base + scaling · B A, what peft's merge computes, so the adapters cost nothing
+while decoding; DoRA and other variants, other peft methods and wrappers keep the generic path, as do
+other architectures and fp16. The tests check it against transformers' decoding, for each of the four: in fp32 the
 same greedy and sampled tokens (test-sized runs) and log-probs to 2e-5; under bf16 the same greedy
 tokens, and log-probs as close to the fp32 model's as transformers' bf16 ones.
 
@@ -56,9 +58,9 @@ class LlamaDecoder:
     def __init__(self, model, rows: int, length: int, prepack, dtype: torch.dtype = torch.float32):
         def packed(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
             """The layers' weights stacked along the outputs, in ``dtype``, blocked for B rows; their biases."""
-            weights = [layer.weight.detach().to(dtype) for layer in layers]  # (outputs, inputs) each
+            weights = [_weight(layer).to(dtype) for layer in layers]  # (outputs, inputs) each
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # (sum of outputs, inputs)
-            return prepack(weight, rows), _cat_bias(layers, dtype)
+            return prepack(weight, rows), _cat_bias([_base(layer) for layer in layers], dtype)
 
         inner, cfg = model.model, model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -74,7 +76,7 @@ class LlamaDecoder:
                 "qkv": packed([attn.q_proj, attn.k_proj, attn.v_proj]), "o": packed([attn.o_proj]),
                 "gate_up": packed([mlp.gate_proj, mlp.up_proj]), "down": packed([mlp.down_proj]),
                 "norm_in": layer.input_layernorm, "norm_post": layer.post_attention_layernorm,
-                "act": mlp.act_fn, "inter": mlp.gate_proj.out_features, "scale": attn.scaling,
+                "act": mlp.act_fn, "inter": _base(mlp.gate_proj).out_features, "scale": attn.scaling,
                 # Qwen3: RMSNorm over each head's queries and keys, before RoPE (None elsewhere)
                 "q_norm": getattr(attn, "q_norm", None), "k_norm": getattr(attn, "k_norm", None),
                 # (B, kv heads, length, head dim), written at each row's column as tokens are fed
@@ -121,6 +123,47 @@ class LlamaDecoder:
         return onednn.linear(x, packed[0], packed[1], self.dtype)
 
 
+def _base(layer: torch.nn.Module) -> torch.nn.Linear:
+    """The ``nn.Linear`` itself, or the one a peft LoRA layer wraps."""
+    return getattr(layer, "base_layer", layer)
+
+
+def _weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The (outputs, inputs) weight the layer's eval-mode forward computes with: a plain linear's own; for a
+    peft LoRA layer (checked by :func:`_lora_ok`) its base weight plus scaling · B A of each active adapter
+    (peft's ``get_delta_weight``, what ``merge`` adds), unless the adapters are disabled or already merged.
+    x (W + s B A)^T equals peft's x W^T + s (x A^T) B^T to rounding."""
+    base = _base(layer).weight.detach()
+    if layer is _base(layer) or layer.disable_adapters or layer.merged:
+        return base
+    deltas = [layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A]
+    return base + sum(deltas) if deltas else base
+
+
+def _lora_ok(layer: torch.nn.Module) -> bool:
+    """Is ``layer`` a peft LoRA linear whose eval forward :func:`_weight` reproduces: plain LoRA (no DoRA or
+    other variant, no bias on B) around a plain ``nn.Linear``, not merged-then-disabled (peft would unmerge)?"""
+    from peft.tuners.lora import Linear as LoraLinear  # only called once a peft module was found
+
+    if type(layer) is not LoraLinear or type(layer.base_layer) is not torch.nn.Linear:
+        return False
+    if layer.merged and layer.disable_adapters:
+        return False
+    return not any(name in layer.lora_variant or layer.lora_bias.get(name) for name in layer.active_adapters)
+
+
+def _peft_wrappers(model) -> tuple[torch.nn.Module, set[int]]:
+    """(the transformers model, ids of the peft wrapper modules around it) for a peft model; (model, {})
+    for any other."""
+    if not type(model).__module__.startswith("peft.") or not hasattr(model, "get_base_model"):
+        return model, set()
+    wrappers = {id(model)}
+    inner = getattr(model, "base_model", None)
+    if inner is not None:
+        wrappers.add(id(inner))
+    return model.get_base_model(), wrappers
+
+
 def _cat_bias(layers, dtype: torch.dtype) -> torch.Tensor | None:
     if all(layer.bias is None for layer in layers):
         return None
@@ -141,14 +184,15 @@ def _family_class(model) -> bool:
 
 
 def llama_decoder(model, rows: int, length: int, prepack=onednn.prepack) -> LlamaDecoder | None:
-    """A :class:`LlamaDecoder` where the model is a plain :data:`FAMILY` model with fp32 weights on the
-    CPU, outside autocast or under bf16 autocast (then its products run on bf16 copies, as autocast's),
+    """A :class:`LlamaDecoder` where the model is a plain :data:`FAMILY` model (or one under peft LoRA
+    adapters, decoded on its merged weights) with fp32 weights on the CPU, outside autocast or under bf16 autocast (then its products run on bf16 copies, as autocast's),
     with no module hooks or per-instance forwards, no sliding window shorter than ``length`` and
     ``prepack`` (:func:`.onednn.prepack`) available; else None (the caller keeps transformers' forward)."""
     dtype = onednn.decode_dtype()
-    if not ENABLED or not _family_class(model) or dtype not in (torch.float32, torch.bfloat16):
+    inner, wrappers = _peft_wrappers(model)
+    if not ENABLED or not _family_class(inner) or dtype not in (torch.float32, torch.bfloat16):
         return None
-    window = getattr(model.config, "sliding_window", None)  # Mistral's, or Qwen's with use_sliding_window
+    window = getattr(inner.config, "sliding_window", None)  # Mistral's, or Qwen's with use_sliding_window
     if window is not None and length > window:  # the window would drop early keys: transformers' masks do that
         return None
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
@@ -158,6 +202,9 @@ def llama_decoder(model, rows: int, length: int, prepack=onednn.prepack) -> Llam
             return None
         if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:
             return None
-    if prepack(model.lm_head.weight.detach()[:1].to(dtype), rows) is None:  # the op is missing from this build
+        # peft: only its wrappers and plain LoRA linears (prompt tuning, DoRA, modules_to_save... are not reproduced)
+        if type(module).__module__.startswith("peft.") and id(module) not in wrappers and not _lora_ok(module):
+            return None
+    if prepack(_weight(inner.lm_head)[:1].to(dtype), rows) is None:  # the op is missing from this build
         return None
-    return LlamaDecoder(model, rows, length, prepack, dtype)
+    return LlamaDecoder(inner, rows, length, prepack, dtype)
