@@ -799,13 +799,17 @@ def test_llama_decoder_decodes_lora_models_on_merged_weights(policy, prompt_ids,
 
 def test_llama_decoder_leaves_other_peft_setups_to_peft(policy):
     """What the merged weight does not reproduce keeps the generic path: DoRA, a bias on B, a module peft
-    trains in full (modules_to_save wraps the LM head)."""
+    trains in full (modules_to_save wraps the LM head), and LoRA under bf16 autocast."""
     from alignkit.rollout.generate import _prepack
 
     assert llama_decode.llama_decoder(_lora(policy), 3, 20, _prepack) is not None
     assert llama_decode.llama_decoder(_lora(policy, use_dora=True), 3, 20, _prepack) is None
     assert llama_decode.llama_decoder(_lora(policy, lora_bias=True), 3, 20, _prepack) is None
     assert llama_decode.llama_decoder(_lora(policy, modules_to_save=["lm_head"]), 3, 20, _prepack) is None
+    any_cpu = lambda w, rows: w  # noqa: E731  a blocking that always succeeds: the refusal is then the LoRA check's
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 LoRA decoding is not checked against peft's: refused
+        assert llama_decode.llama_decoder(policy, 3, 20, any_cpu) is not None
+        assert llama_decode.llama_decoder(_lora(policy), 3, 20, any_cpu) is None
 
 
 def test_sample_k_runs_each_prompt_once_and_matches_the_padded_batch(policy, prompt_ids, monkeypatch):

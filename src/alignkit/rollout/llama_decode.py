@@ -27,10 +27,10 @@ prompt, GRPO's groups) the prefill runs each distinct prompt once and its keys a
 to its k rows. :func:`llama_decoder` builds the decoder only for a plain ``LlamaForCausalLM``,
 ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` with fp32 weights on the CPU,
 without hooks or replaced forwards; under bf16 autocast its products run on bf16 copies of the
-weights, as autocast's would. Under peft LoRA (a LoRA policy's rollouts in PPO and GRPO) each
-weight is blocked as base + scaling · B A, what peft's merge computes, so the adapters cost nothing
-while decoding; DoRA and other variants, other peft methods and wrappers keep the generic path, as do
-other architectures and fp16. The tests check it against transformers' decoding, for each of the four: in fp32 the
+weights, as autocast's would. Under peft LoRA (a LoRA policy's rollouts in PPO and GRPO), in fp32,
+each weight is blocked as base + scaling · B A, what peft's merge computes, so the adapters cost
+nothing while decoding; LoRA under bf16 autocast, DoRA and other variants, other peft methods and
+wrappers keep the generic path, as do other architectures and fp16. The tests check it against transformers' decoding, for each of the four: in fp32 the
 same greedy and sampled tokens (test-sized runs) and log-probs to 2e-5; under bf16 the same greedy
 tokens, and log-probs as close to the fp32 model's as transformers' bf16 ones.
 
@@ -184,8 +184,8 @@ def _family_class(model) -> bool:
 
 
 def llama_decoder(model, rows: int, length: int, prepack=onednn.prepack) -> LlamaDecoder | None:
-    """A :class:`LlamaDecoder` where the model is a plain :data:`FAMILY` model (or one under peft LoRA
-    adapters, decoded on its merged weights) with fp32 weights on the CPU, outside autocast or under bf16 autocast (then its products run on bf16 copies, as autocast's),
+    """A :class:`LlamaDecoder` where the model is a plain :data:`FAMILY` model (or, in fp32, one under peft
+    LoRA adapters, decoded on its merged weights) with fp32 weights on the CPU, outside autocast or under bf16 autocast (then its products run on bf16 copies, as autocast's),
     with no module hooks or per-instance forwards, no sliding window shorter than ``length`` and
     ``prepack`` (:func:`.onednn.prepack`) available; else None (the caller keeps transformers' forward)."""
     dtype = onednn.decode_dtype()
@@ -202,8 +202,10 @@ def llama_decoder(model, rows: int, length: int, prepack=onednn.prepack) -> Llam
             return None
         if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:
             return None
-        # peft: only its wrappers and plain LoRA linears (prompt tuning, DoRA, modules_to_save... are not reproduced)
-        if type(module).__module__.startswith("peft.") and id(module) not in wrappers and not _lora_ok(module):
+        # peft: only its wrappers and plain LoRA linears (prompt tuning, DoRA, modules_to_save... are not reproduced),
+        # in fp32 (under bf16 peft rounds the adapters' product apart from the base's: not checked against it)
+        if type(module).__module__.startswith("peft.") and id(module) not in wrappers \
+                and (dtype != torch.float32 or not _lora_ok(module)):
             return None
     if prepack(_weight(inner.lm_head)[:1].to(dtype), rows) is None:  # the op is missing from this build
         return None
