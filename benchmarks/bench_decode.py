@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(10, SIZES["vocab_size"], (a.prompt_length,), generator=gen).tolist() for _ in range(a.prompts)]
+    prompts = [torch.randint(10, SIZES["vocab_size"], (a.prompt_length,), generator=gen).tolist()
+               for _ in range(a.prompts)]
     print(f"sample_k: {a.prompts} prompts x {a.k} samples, {a.prompt_length}-token prompts, {a.new_tokens} new tokens, "
           f"fp32, {torch.get_num_threads()} threads; seconds per generation, best (all runs)\n")
     print("| architecture | flat step s | transformers' forward s | speed-up (best) |")

@@ -30,9 +30,10 @@ without hooks or replaced forwards; under bf16 autocast its products run on bf16
 weights, as autocast's would. Under peft LoRA (a LoRA policy's rollouts in PPO and GRPO), in fp32,
 each weight is blocked as base + scaling · B A, what peft's merge computes, so the adapters cost
 nothing while decoding; LoRA under bf16 autocast, DoRA and other variants, other peft methods and
-wrappers keep the generic path, as do other architectures and fp16. The tests check it against transformers' decoding, for each of the four: in fp32 the
-same greedy and sampled tokens (test-sized runs) and log-probs to 2e-5; under bf16 the same greedy
-tokens, and log-probs as close to the fp32 model's as transformers' bf16 ones.
+wrappers keep the generic path, as do other architectures and fp16. The tests check it against
+transformers' (and peft's) decoding, for each of the four architectures: in fp32 the same greedy
+and sampled tokens (test-sized runs) and log-probs to 2e-5; under bf16 the same greedy tokens, and
+log-probs as close to the fp32 model's as transformers' bf16 ones.
 
 SmolLM2-135M, ``sample_k`` of 2 prompts x 4, 64 new tokens, 2 cores, alternating runs: fp32
 2.94-3.42 s per generation against 3.55-4.11 s for transformers' forward over prepacked weights;
@@ -185,9 +186,10 @@ def _family_class(model) -> bool:
 
 def llama_decoder(model, rows: int, length: int, prepack=onednn.prepack) -> LlamaDecoder | None:
     """A :class:`LlamaDecoder` where the model is a plain :data:`FAMILY` model (or, in fp32, one under peft
-    LoRA adapters, decoded on its merged weights) with fp32 weights on the CPU, outside autocast or under bf16 autocast (then its products run on bf16 copies, as autocast's),
-    with no module hooks or per-instance forwards, no sliding window shorter than ``length`` and
-    ``prepack`` (:func:`.onednn.prepack`) available; else None (the caller keeps transformers' forward)."""
+    LoRA adapters, decoded on its merged weights) with fp32 weights on the CPU, outside autocast or
+    under bf16 autocast (then its products run on bf16 copies, as autocast's), with no module hooks or
+    per-instance forwards, no sliding window shorter than ``length`` and ``prepack``
+    (:func:`.onednn.prepack`) available; else None (the caller keeps transformers' forward)."""
     dtype = onednn.decode_dtype()
     inner, wrappers = _peft_wrappers(model)
     if not ENABLED or not _family_class(inner) or dtype not in (torch.float32, torch.bfloat16):
