@@ -105,3 +105,54 @@ def test_train_frees_the_optimizer_state_before_the_final_save(tiny_model_dir, s
     assert cli.main(["dpo", "--model", str(tiny_model_dir), "--data", str(sample_prefs(4)), "--output-dir",
                      str(tmp_path / "out"), "--batch-size", "2", "--max-steps", "1", "--no-progress"]) == 0
     assert len(made) == 1 and seen == [[0]]
+
+
+def test_for_sampling_reuses_freed_blocks_then_restores_the_cli_setting(monkeypatch):
+    """From the CLI's setting: the training setting while sampling, then the CLI's again and a trim, also
+    when sampling raises. Where the process already reuses freed blocks (bf16, a loop): no change at all."""
+    calls, trims = [], []
+    monkeypatch.setattr(memory, "_mallopt", lambda *settings: calls.append(settings) or True)
+    monkeypatch.setattr(memory, "_libc", lambda: type("Libc", (), {"malloc_trim": staticmethod(trims.append)})())
+    monkeypatch.setattr(memory, "_reusing", False)
+    assert memory.return_freed_memory_to_os() is True
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        with memory.for_sampling():
+            assert calls == [((memory._M_MMAP_THRESHOLD, memory.RL_MMAP_THRESHOLD),
+                              (memory._M_TRIM_THRESHOLD, memory.NO_TRIM)), ((memory._M_MMAP_MAX, 0),)]
+            assert memory._reusing is True
+            raise RuntimeError("the sampler failed")
+    assert calls[-1] == ((memory._M_MMAP_THRESHOLD, 64 * 1024), (memory._M_MMAP_MAX, 65536)) and trims == [0]
+    assert memory._reusing is False
+    assert memory.for_precision("bf16") is True  # a bf16 run: reuse for the rest of the process
+    calls.clear()
+    with memory.for_sampling():
+        pass
+    assert calls == [] and trims == [0] and memory._reusing is True
+
+
+def test_sampling_commands_run_under_for_sampling(monkeypatch, tiny_model_dir, tmp_path):
+    """alignkit generate samples inside for_sampling (the whole batch loop), and leaves it afterwards."""
+    import contextlib
+
+    from alignkit import cli
+
+    seen = []
+
+    @contextlib.contextmanager
+    def recorded():
+        seen.append("enter")
+        yield
+        seen.append("exit")
+
+    monkeypatch.setattr(memory, "for_sampling", recorded)
+    import alignkit.rollout.sample as sample_mod
+
+    real = sample_mod.sample_k
+    monkeypatch.setattr(sample_mod, "sample_k", lambda *a, **k: seen.append("sample") or real(*a, **k))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Say hi."}\n{"prompt": "Count to three."}\n{"prompt": "Name a colour."}\n')
+    assert cli.main(["generate", "--model", str(tiny_model_dir), "--data", str(prompts), "--output",
+                     str(tmp_path / "out.jsonl"), "--num-responses", "2", "--max-new-tokens", "4",
+                     "--gen-batch-size", "2", "--no-progress"]) == 0
+    assert seen == ["enter", "sample", "sample", "exit"]

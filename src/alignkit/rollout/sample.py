@@ -36,13 +36,16 @@ def sample_prompts(model, tokenizer, prompts: list[PromptItem], sampling: Sampli
     bf16 autocast for ``precision="bf16"``. ``generator``: the sampling RNG (default: torch's global one)."""
     from tqdm.auto import tqdm
 
+    from ..memory import for_sampling
     from ..precision import warn_if_emulated
 
     warn_if_emulated(precision)
     k = sampling.num_responses
     texts, ids, ended = [], [], []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    with autocast, torch.no_grad(), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+    # for_sampling: freed blocks (blocked weights, prefill activations, key/value buffers) reused, not faulted in again
+    with for_sampling(), autocast, torch.no_grad(), \
+            tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
         for s in range(0, len(prompts), sampling.gen_batch_size):
             batch = prompts[s:s + sampling.gen_batch_size]
             roll = sample_k(model, [p.ids for p in batch], k, max_new_tokens=sampling.max_new_tokens,
