@@ -23,6 +23,7 @@ import functools
 import sys
 from pathlib import Path
 
+
 @functools.cache
 def native_bf16() -> bool:
     """Does this machine compute bf16 products natively: a CUDA device with bf16 support, else the CPU's

@@ -154,15 +154,13 @@ def _lora_ok(layer: torch.nn.Module) -> bool:
 
 
 def _peft_wrappers(model) -> tuple[torch.nn.Module, set[int]]:
-    """(the transformers model, ids of the peft wrapper modules around it) for a peft model; (model, {})
-    for any other."""
-    if not type(model).__module__.startswith("peft.") or not hasattr(model, "get_base_model"):
+    """(the transformers model, ids of the peft wrapper modules around it: the PeftModel and its LoraModel)
+    for a peft model; (model, {}) for any other."""
+    from ..models import _is_peft
+
+    if not _is_peft(model):
         return model, set()
-    wrappers = {id(model)}
-    inner = getattr(model, "base_model", None)
-    if inner is not None:
-        wrappers.add(id(inner))
-    return model.get_base_model(), wrappers
+    return model.get_base_model(), {id(model), id(model.base_model)}
 
 
 def _cat_bias(layers, dtype: torch.dtype) -> torch.Tensor | None:
@@ -209,6 +207,6 @@ def llama_decoder(model, rows: int, length: int, prepack=onednn.prepack) -> Llam
         if type(module).__module__.startswith("peft.") and id(module) not in wrappers \
                 and (dtype != torch.float32 or not _lora_ok(module)):
             return None
-    if prepack(_weight(inner.lm_head)[:1].to(dtype), rows) is None:  # the op is missing from this build
+    if prepack(_base(inner.lm_head).weight.detach()[:1].to(dtype), rows) is None:  # the op is missing
         return None
     return LlamaDecoder(inner, rows, length, prepack, dtype)
