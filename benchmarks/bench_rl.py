@@ -133,12 +133,12 @@ def run_child(cmd: list[str], env: dict, log_file: Path) -> tuple[int, float, st
 
 def run_config(name: str, model_dir: Path, warmup: int, measured: int, work: Path, threads: int | None,
                fixed: bool, glibc_malloc: bool = False, rl_mmap_threshold: int | None = None,
-               precision: str = "fp32", rl_allow_mmap: bool = False) -> dict:
+               precision: str = "fp32", rl_allow_mmap: bool = False, no_row_attention: bool = False) -> dict:
     lib = CONFIGS[name][0]
     tag = f"{model_dir.parent.name if model_dir.name == 'hf' else model_dir.name}-{name}"
     spec = {"name": name, "model": str(model_dir), "warmup": warmup, "measured": measured, "fixed": fixed,
             "glibc_malloc": glibc_malloc, "rl_mmap_threshold": rl_mmap_threshold, "precision": precision,
-            "rl_allow_mmap": rl_allow_mmap, "out": str(work / f"run-{tag}")}
+            "rl_allow_mmap": rl_allow_mmap, "no_row_attention": no_row_attention, "out": str(work / f"run-{tag}")}
     result = work / f"{tag}.json"
     result.unlink(missing_ok=True)
     shutil.rmtree(spec["out"], ignore_errors=True)
@@ -255,6 +255,9 @@ def alignkit_child(spec: dict, result_path: str) -> None:
         memory.RL_MMAP_THRESHOLD = spec["rl_mmap_threshold"]
     if spec.get("rl_allow_mmap"):  # diagnostic: blocks above the threshold mmapped again, as before
         memory.HEAP_ONLY = False
+    if spec.get("no_row_attention"):  # diagnostic: packed passes attend over the packed rows, as before
+        from alignkit.train import rl_common
+        rl_common.ROW_ATTENTION = False
 
     steps = spec["warmup"] + spec["measured"]
     rec = instrument_alignkit(fixed=spec["fixed"])
@@ -480,6 +483,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rl-allow-mmap", action="store_true",
                     help="diagnostic: rl_loop lets glibc mmap the blocks above its threshold (alignkit.memory."
                          "HEAP_ONLY = False), as before the loop served every block from the heap")
+    ap.add_argument("--no-row-attention", action="store_true",
+                    help="diagnostic: packed passes attend over the packed rows with their mask (alignkit.train."
+                         "rl_common.ROW_ATTENTION = False), as before ops/row_attention.py")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="bf16: alignkit --precision bf16 and TRL bf16=True (autocast in both, fp32 weights)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: torch's)")
@@ -512,6 +518,9 @@ def bench(a: argparse.Namespace, ap: argparse.ArgumentParser, work: Path) -> int
         if a.rl_mmap_threshold is not None:
             memory.RL_MMAP_THRESHOLD = a.rl_mmap_threshold
         memory.HEAP_ONLY = not a.rl_allow_mmap
+        if a.no_row_attention:
+            from alignkit.train import rl_common
+            rl_common.ROW_ATTENTION = False
         profile_alignkit(a.profile_config, models[0], model_dir, work, a.steps or 3, a.top, a.lengths == "fixed")
         return 0
     configs = a.configs.split(",") if a.configs else list(CONFIGS)
@@ -541,7 +550,8 @@ def bench(a: argparse.Namespace, ap: argparse.ArgumentParser, work: Path) -> int
         for _ in range(a.repeats):
             for c in configs:
                 r = run_config(c, model_dir, warmup, measured, work, a.threads, a.lengths == "fixed",
-                               a.glibc_malloc, a.rl_mmap_threshold, a.precision, a.rl_allow_mmap)
+                               a.glibc_malloc, a.rl_mmap_threshold, a.precision, a.rl_allow_mmap,
+                               a.no_row_attention)
                 runs[c].append(r)
                 brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                          if k in ("step_s", "tokens_per_step", "tokens_per_s", "gen_s", "ref_s", "update_s", "rss_mb",

@@ -27,13 +27,13 @@ def tokenizer():
 
 
 def make_tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-                    seed: int = 0, tie: bool = False):
-    """A tiny random Llama causal LM (a few layers, hidden <= 256) for fast tests."""
+                    seed: int = 0, tie: bool = False, kv_heads: int | None = None):
+    """A tiny random Llama causal LM (a few layers, hidden <= 256) for fast tests; ``kv_heads`` < ``heads``: GQA."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                       max_position_embeddings=512, tie_word_embeddings=tie,
                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model = LlamaForCausalLM(cfg)

@@ -401,18 +401,60 @@ def test_pack_rollout_golden():
         [1, 0, 1, 1, 1, 1, 1]])
     assert pk.attention_mask.shape == (2, 1, 7, 7)
     assert torch.equal(pk.attention_mask[0, 0].int(), group_a) and torch.equal(pk.attention_mask[1, 0].int(), group_b)
+    # the same positions in the padded rows (row attention): flat packed index of each padded position
+    # (group a at 0..6, group b at 7..13; padding -> 0) and, per packed position, the padded one it reads
+    lay = pk.row_layout
+    assert (lay.rows, lay.width) == (3, 6)
+    assert lay.gather.view(3, 6).tolist() == [[0, 0, 1, 2, 3, 0], [0, 0, 7, 8, 0, 0], [0, 0, 1, 4, 5, 6]]
+    # prompt [5, 6] from row 0 (its group's first row), not row 2; group b's fill reads 0
+    assert lay.scatter.tolist() == [1, 2, 3, 4, 15, 16, 17, 8, 9, 0, 0, 0, 0, 0]
+    row_1 = torch.tensor([  # left-padded twice, prompt 7, response 21, right-padded twice
+        [1, 0, 0, 0, 0, 0],  # padding sees only itself
+        [0, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],  # 7
+        [0, 0, 1, 1, 0, 0],  # 21
+        [0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 1]])
+    assert lay.mask.shape == (3, 1, 6, 6) and torch.equal(lay.mask[1, 0].int(), row_1)
+    assert torch.equal(lay.mask[2, 0, 5].int(), torch.tensor([0, 1, 1, 1, 1, 1]))  # 33 sees its row, not row 0's
     # cost: 6H·tokens + Σ L²; packed 6·8·14 + 2·49 = 770 vs padded 6·8·18 + 3·36 = 972 at H = 8
     assert packing_pays(pk, (3, 6), hidden_size=8)
-    # K long responses to one short prompt in a single row: its L² attention outgrows what packing saves
+    assert packing_pays(pk, (3, 6), hidden_size=8, attention_over_rows=True)  # 14 tokens < 18
+    # K long responses to one short prompt in a single row: its L² attention outgrows what packing saves,
+    # unless attention runs over the padded rows
     long = torch.ones(16, 2 + 40, dtype=torch.long)
     long_pk = pack_rollout(long, torch.ones_like(long), 2, torch.ones(16, 40))
     assert long_pk.input_ids.shape == (1, 2 + 16 * 40) and not packing_pays(long_pk, (16, 42), hidden_size=8)
+    assert packing_pays(long_pk, (16, 42), hidden_size=8, attention_over_rows=True)
+    # no sharing, no padding: nothing to save
+    alone = pack_rollout(long[:1], torch.ones_like(long[:1]), 2, torch.ones(1, 40))
+    assert not packing_pays(alone, (1, 42), hidden_size=8, attention_over_rows=True)
 
 
+def _count_row_attention(monkeypatch) -> list[int]:
+    """Spy on ops.row_attention.rows_attention as transformers' attention interface calls it: [calls with a layout]."""
+    from transformers import AttentionInterface
+
+    from alignkit.ops import row_attention
+
+    row_attention._register()
+    calls, real = [0], AttentionInterface._global_mapping[row_attention.NAME]
+
+    def spy(*args, **kwargs):
+        calls[0] += kwargs.get("alignkit_rows") is not None
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, row_attention.NAME, spy)
+    return calls
+
+
+@pytest.mark.parametrize("rows", [True, False], ids=["row-attention", "packed-mask"])
 @pytest.mark.parametrize("value", ["none", "shared", "separate"])
-def test_packed_policy_value_equals_padded(tokenizer, value, monkeypatch):
+def test_packed_policy_value_equals_padded(tokenizer, value, rows, monkeypatch):
     """Groups of rows sharing a prompt (as GRPO samples them) plus a lone prompt: the packed pass gives
-    the padded pass's log-probs, entropy, values and gradients (float64, to rounding).
+    the padded pass's log-probs, entropy, values and gradients (float64, to rounding), with attention
+    over the padded rows (ops/row_attention.py) or over the packed rows with their mask. GQA (4 query
+    heads on 2 key/value heads), as SmolLM2 has.
 
     Llama's RMSNorm computes in float32 whatever the input dtype; a shared prompt token's norm then
     sees one summed gradient instead of one per row, and the two differ by float32 rounding (~5e-8
@@ -425,8 +467,10 @@ def test_packed_policy_value_equals_padded(tokenizer, value, monkeypatch):
     def rms_norm(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm)
+    monkeypatch.setattr(rl_common, "ROW_ATTENTION", rows)
+    calls = _count_row_attention(monkeypatch)
 
-    policy = make_tiny_llama(len(tokenizer), tie=True).double()
+    policy = make_tiny_llama(len(tokenizer), tie=True, kv_heads=2).double()
     kw = {}
     if value == "shared":
         kw["value_head"] = torch.nn.Linear(policy.config.hidden_size, 1).double()
@@ -451,6 +495,9 @@ def test_packed_policy_value_equals_padded(tokenizer, value, monkeypatch):
 
     (out_pk, g_pk), (out_pd, g_pd) = run(packed_mod), run(padded_mod)
     assert rl_common._PACKS[policy]  # the packed path was taken
+    # per layer (2) and backbone (1, or 2 with a separate value model): the training pass and the check's
+    assert calls[0] == (2 * 2 * (1 + (value == "separate")) if rows else 0)
+    assert policy.config._attn_implementation == "sdpa"  # put back
     assert (out_pk[1] is None) == (out_pd[1] is None) == (value == "none")
     for a, b in zip(out_pk, out_pd):
         if a is not None:
@@ -461,12 +508,15 @@ def test_packed_policy_value_equals_padded(tokenizer, value, monkeypatch):
         torch.testing.assert_close(g_pk[name], g_pd[name], rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_a_model_that_packs_wrongly_keeps_padded_rows(tokenizer, monkeypatch):
+@pytest.mark.parametrize("rows", [True, False], ids=["row-attention", "packed-mask"])
+def test_a_model_that_packs_wrongly_keeps_padded_rows(tokenizer, rows, monkeypatch):
     """If the packed pass disagrees with the padded one (here: a mask that lets every token see every
-    earlier one, as a model ignoring 4D masks would), the check says so and padded rows are used."""
+    earlier one, as a model ignoring 4D masks would; with row attention, rows whose real tokens see
+    their padding), the check says so and padded rows are used."""
     from alignkit.train import rl_common
     from alignkit.train.rl_common import PolicyValue
 
+    monkeypatch.setattr(rl_common, "ROW_ATTENTION", rows)
     policy = make_tiny_llama(len(tokenizer))
     ids, mask, p, rmask = _rollout_batch(len(tokenizer))
     ids[1, :p], mask[1, :p] = ids[0, :p], mask[0, :p]  # rows 0 and 1 share a prompt, so a group row has two responses
@@ -477,6 +527,7 @@ def test_a_model_that_packs_wrongly_keeps_padded_rows(tokenizer, monkeypatch):
     def leaky(*args):
         out = real(*args)
         out.attention_mask = torch.ones_like(out.attention_mask).tril()  # row 1's response sees row 0's
+        out.row_layout.mask = torch.ones_like(out.row_layout.mask).tril()  # a row's tokens see its padding
         return out
 
     monkeypatch.setattr(rl_common, "pack_rollout", leaky)

@@ -28,7 +28,9 @@ from torch import nn
 
 from ..errors import InputError
 from ..models import add_lora, frozen_copy, load_causal_lm, reference_context
+from ..ops import row_attention
 from ..ops.logprobs import _causal_lm, linear_token_logprobs, tied_inputs
+from ..ops.row_attention import RowLayout, row_layout
 from .loop import (MetricsLog, _check_finite, _set_rng_state, init_adamw_state, list_checkpoints, make_scheduler,
                    save_checkpoint, stream_indices)
 
@@ -36,6 +38,12 @@ from .loop import (MetricsLog, _check_finite, _set_rng_state, init_adamw_state, 
 def _backbone_and_head(model):
     causal = _causal_lm(model)
     return getattr(causal, causal.base_model_prefix), causal.get_output_embeddings()
+
+
+def _value_backbone(value_model):
+    from ..reward_model import _parts
+
+    return _parts(value_model)[0]
 
 
 def _hidden(backbone, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
@@ -58,6 +66,8 @@ class PackedRollout:
     prev                     (N,)          flat index into (G·L) of the state predicting each response
                                            token: the prompt's last token for the first, else the previous
     rows, cols               (N,)          where those N tokens sit in the (B, T) response coordinates
+    row_layout               ops.row_attention.RowLayout: the same positions in the padded (B, P+T) rows,
+                                           for attention computed there (:func:`row_attention_pays`)
     Positions continue the prompt's, so every response sees exactly the context it has alone.
     """
 
@@ -67,6 +77,7 @@ class PackedRollout:
     prev: torch.Tensor
     rows: torch.Tensor
     cols: torch.Tensor
+    row_layout: RowLayout
 
 
 def pack_rollout(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
@@ -80,10 +91,13 @@ def pack_rollout(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
         responses.append([t for t, r in zip(row[prompt_len:], real[prompt_len:]) if r])
     width = max(len(prompt) + sum(len(responses[b]) for b in members) for prompt, members in groups.items())
     tokens, pos, seg, prev, rows, cols = [], [], [], [], [], []  # seg: -1 prompt, k response k, -2 padding
+    where: list[list[int]] = [[] for _ in range(ids.shape[0])]  # per row: flat packed index of its real tokens
     for g, (prompt, members) in enumerate(groups.items()):
         start = g * width
         t, q, s = list(prompt), list(range(len(prompt))), [-1] * len(prompt)
         for k, b in enumerate(members):
+            first_token = start + len(t)  # this response's first token, in the flat (G·L) packed positions
+            where[b] = list(range(start, start + len(prompt))) + list(range(first_token, first_token + len(responses[b])))
             for j, token in enumerate(responses[b]):
                 prev.append(start + (len(prompt) - 1 if j == 0 else len(t) - 1))
                 rows.append(b)
@@ -99,19 +113,40 @@ def pack_rollout(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
     causal = torch.ones(width, width, dtype=torch.bool).tril()  # (L, L) query i, key j <= i
     visible = causal & ((seg_t[:, None, :] == seg_t[:, :, None]) | (seg_t[:, None, :] == -1))  # (G, L, L)
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=ids.device)  # noqa: E731
+    real = mask.bool()
+    packed_index = torch.zeros(ids.shape, dtype=torch.long, device=ids.device)  # (B, P+T)
+    packed_index[real] = as_long([i for row in where for i in row])  # row-major, as real's True entries
+    first = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    first[[members[0] for members in groups.values()]] = True
     return PackedRollout(input_ids=as_long(tokens), position_ids=as_long(pos),
                          attention_mask=visible[:, None].to(ids.device), prev=as_long(prev),
-                         rows=as_long(rows), cols=as_long(cols))
+                         rows=as_long(rows), cols=as_long(cols),
+                         row_layout=row_layout(real, packed_index, len(groups) * width, first))
 
 
-def packing_pays(packed: PackedRollout, padded_shape: tuple[int, int], hidden_size: int) -> bool:
+def packing_pays(packed: PackedRollout, padded_shape: tuple[int, int], hidden_size: int,
+                 attention_over_rows: bool = False) -> bool:
     """Is the packed pass cheaper than the padded one? Per layer, the linear maps cost ~24·H² FLOPs
     per token (4H² attention projections, 2 x 3·H·I for the MLP with I ~ 2.7H) and attention ~4·H per
     (query, key) pair, masked pairs included (the kernels skip none). Packing saves the repeated
-    prompts and the padding, but a group's row is long: K responses in one row attend over K times
-    more pairs. So: 6H·tokens + Σ rows L² against the same for the padded (B, P+T) batch."""
+    prompts and the padding, but with the packed mask a group's row is long: K responses in one row
+    attend over K times more pairs. So: 6H·tokens + Σ rows L² against the same for the padded (B, P+T)
+    batch. ``attention_over_rows`` (:mod:`alignkit.ops.row_attention`): attention runs over the padded
+    rows either way, so only the tokens count."""
     (g, width), (b, full) = packed.input_ids.shape, padded_shape
+    if attention_over_rows:
+        return g * width < b * full
     return 6 * hidden_size * g * width + g * width ** 2 < 6 * hidden_size * b * full + b * full ** 2
+
+
+def row_attention_pays(model) -> bool:
+    """Run a packed pass's attention over the padded rows (:mod:`alignkit.ops.row_attention`)? Where the
+    model uses transformers' SDPA, and ``ROW_ATTENTION`` is on."""
+    return ROW_ATTENTION and row_attention.applies(model)
+
+
+# False: packed passes attend over the packed rows with their (G, 1, L, L) mask (before commit "row attention")
+ROW_ATTENTION = True
 
 
 def _response_states(backbone, inputs: dict, mask: torch.Tensor, prompt_len: int, packed: PackedRollout | None,
@@ -120,8 +155,12 @@ def _response_states(backbone, inputs: dict, mask: torch.Tensor, prompt_len: int
     coordinates: from the padded batch (``mask``), or from ``packed``'s rows (``inputs`` built from its ids)."""
     if packed is None:
         return _hidden(backbone, inputs, mask)[:, prompt_len - 1:-1][rows, cols]
-    hidden = backbone(**inputs, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
-                      use_cache=False).last_hidden_state  # (G, L, H)
+    kw = {"attention_mask": packed.attention_mask, "position_ids": packed.position_ids, "use_cache": False}
+    if row_attention_pays(backbone):
+        with row_attention.over_rows(backbone):
+            hidden = backbone(**inputs, **kw, alignkit_rows=packed.row_layout).last_hidden_state  # (G, L, H)
+    else:
+        hidden = backbone(**inputs, **kw).last_hidden_state  # (G, L, H)
     return hidden.flatten(0, 1)[packed.prev]
 
 
@@ -134,7 +173,8 @@ class PolicyValue(nn.Module):
 
     ``pack`` (default): the backbones run on :func:`pack_rollout`'s rows (one per distinct prompt)
     instead of the padded batch, when :func:`packing_pays` says they cost less: no padding, and a
-    GRPO group's prompt once. Before the first packed pass, a few rows run both ways under no_grad;
+    GRPO group's prompt once. Their attention runs over the padded rows where the models use SDPA
+    (:func:`row_attention_pays`), else over the packed rows with the packed mask. Before the first packed pass, a few rows run both ways under no_grad;
     a model whose results differ (one that ignores a 4D mask or explicit positions) keeps the
     padded batch from then on.
     """
@@ -154,8 +194,10 @@ class PolicyValue(nn.Module):
         packed = None
         if self.pack and self._packing_works(ids, mask, prompt_len, response_mask, with_values):
             packed = pack_rollout(ids, mask, prompt_len, response_mask)
-            hidden_size = _backbone_and_head(self.policy)[1].weight.shape[1]  # the head is (V, H)
-            if not packing_pays(packed, tuple(ids.shape), hidden_size):
+            backbone, head = _backbone_and_head(self.policy)
+            rows_too = row_attention_pays(backbone) and (self.value_model is None or not with_values
+                                                         or row_attention_pays(_value_backbone(self.value_model)))
+            if not packing_pays(packed, tuple(ids.shape), head.weight.shape[1], rows_too):  # the head is (V, H)
                 packed = None
         return self._forward(ids, mask, prompt_len, response_mask, packed, with_entropy, with_values)
 
