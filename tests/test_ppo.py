@@ -432,19 +432,16 @@ def test_pack_rollout_golden():
 
 
 def _count_row_attention(monkeypatch) -> list[int]:
-    """Spy on ops.row_attention.rows_attention as transformers' attention interface calls it: [calls with a layout]."""
-    from transformers import AttentionInterface
-
+    """Spy on ops.row_attention.rows_attention: [calls]."""
     from alignkit.ops import row_attention
 
-    row_attention._register()
-    calls, real = [0], AttentionInterface._global_mapping[row_attention.NAME]
+    calls, real = [0], row_attention.rows_attention
 
     def spy(*args, **kwargs):
-        calls[0] += kwargs.get("alignkit_rows") is not None
+        calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, row_attention.NAME, spy)
+    monkeypatch.setattr(row_attention, "rows_attention", spy)
     return calls
 
 
@@ -497,13 +494,49 @@ def test_packed_policy_value_equals_padded(tokenizer, value, rows, monkeypatch):
     assert rl_common._PACKS[policy]  # the packed path was taken
     # per layer (2) and backbone (1, or 2 with a separate value model): the training pass and the check's
     assert calls[0] == (2 * 2 * (1 + (value == "separate")) if rows else 0)
-    assert policy.config._attn_implementation == "sdpa"  # put back
     assert (out_pk[1] is None) == (out_pd[1] is None) == (value == "none")
     for a, b in zip(out_pk, out_pd):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
             assert (a[rmask == 0] == 0).all()
     assert g_pk.keys() == g_pd.keys() and len(g_pk) > 0
+    for name in g_pd:
+        torch.testing.assert_close(g_pk[name], g_pd[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_row_attention_under_gradient_checkpointing_and_lora(tokenizer, monkeypatch):
+    """Gradient checkpointing recomputes each layer in the backward, outside PolicyValue's forward: the
+    layout must reach that recomputation too (it rides in the forward's keywords). A LoRA policy with
+    GQA and checkpointing: packed log-probs and adapter gradients equal the padded pass's (float64)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.llama import modeling_llama
+
+    from alignkit.train import rl_common
+    from alignkit.train.rl_common import PolicyValue
+
+    def rms_norm(self, x):  # in the input's dtype (see test_packed_policy_value_equals_padded)
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm)
+    calls = _count_row_attention(monkeypatch)
+    policy = make_tiny_llama(len(tokenizer), tie=True, kv_heads=2).double().train()
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    ids, mask, p, rmask = _rollout_batch(len(tokenizer))
+    ids[1, :p], mask[1, :p] = ids[0, :p], mask[0, :p]
+    ids[3, :p], mask[3, :p] = ids[0, :p], mask[0, :p]
+
+    def run(pack: bool):
+        policy.zero_grad(set_to_none=True)
+        logp, _ = PolicyValue(policy, pack=pack)(ids, mask, p, rmask, with_values=False)
+        (logp * torch.linspace(-1, 2, 4, dtype=torch.float64)[:, None]).sum().backward()
+        return logp.detach(), {n: q.grad.clone() for n, q in policy.named_parameters() if q.grad is not None}
+
+    (lp_pk, g_pk), (lp_pd, g_pd) = run(True), run(False)
+    assert rl_common._PACKS[policy]
+    assert calls[0] == 2 * 2 + 2  # 2 layers: the check's pass, the forward and the backward's recomputation
+    torch.testing.assert_close(lp_pk, lp_pd, rtol=1e-10, atol=1e-12)
+    assert g_pk.keys() == g_pd.keys() and all("lora_" in n for n in g_pd) and len(g_pd) == 2 * 4 * 2
     for name in g_pd:
         torch.testing.assert_close(g_pk[name], g_pd[name], rtol=1e-9, atol=1e-11, msg=name)
 

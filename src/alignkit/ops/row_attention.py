@@ -12,21 +12,20 @@ attention runs there exactly as in the padded pass (B·S² pairs, transformers' 
 each row's real tokens), and the outputs are copied back. The copies are index_select, whose backward
 adds: a prompt key's gradient is the sum over the K rows that read it, as in the packed graph.
 
-Used by selecting the attention implementation :data:`NAME` on the model's config for the packed
-forward (:func:`rows_attention`) and passing the layout as the ``alignkit_rows`` keyword, which
-transformers hands to every attention call. Only models whose config selects ``"sdpa"`` (the default
-on CPU and GPU) are switched: the function computes what SDPA computes. Without a layout it is
-transformers' SDPA on the mask it is given.
+Dispatch: transformers hands every keyword of a model's forward to each layer's attention function.
+:func:`install` registers, in transformers' ``AttentionInterface``, an ``"sdpa"`` that runs
+:func:`rows_attention` when the call carries the layout (``alignkit_rows=``) and transformers' own SDPA
+otherwise, so nothing changes for a call without it. The layout travels with the keywords, so gradient
+checkpointing's recomputation in the backward takes the same path as the forward (a switch of the
+model's attention implementation for the duration of the forward would not reach it). Only models whose
+config selects ``"sdpa"`` (the default on CPU and GPU) are given the layout: :func:`applies`.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-
-NAME = "alignkit_rows"
 
 
 @dataclass
@@ -69,7 +68,8 @@ def row_layout(real: torch.Tensor, packed_index: torch.Tensor, packed_size: int,
 def rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                    alignkit_rows: RowLayout | None = None, **kwargs):
     """transformers' attention signature. query (G, heads, L, d); key, value (G, kv heads, L, d) at the
-    packed positions. Returns ((G, L, heads, d), None), as ``sdpa_attention_forward`` does."""
+    packed positions. Returns ((G, L, heads, d), None), as ``sdpa_attention_forward`` does. Without a
+    layout: transformers' SDPA on the mask given."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if alignkit_rows is None:
@@ -89,25 +89,29 @@ def rows_attention(module, query, key, value, attention_mask, dropout: float = 0
     return packed.view(groups, length, heads, dim), None
 
 
-def _register() -> None:
+def _sdpa_or_rows(module, query, key, value, attention_mask, *args, **kwargs):
+    """The ``"sdpa"`` :func:`install` registers: :func:`rows_attention` for calls carrying ``alignkit_rows``,
+    else the function registered before."""
+    if kwargs.get("alignkit_rows") is not None:
+        return rows_attention(module, query, key, value, attention_mask, *args, **kwargs)
+    kwargs.pop("alignkit_rows", None)
+    return _previous["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
+
+
+_previous: dict = {}  # "sdpa" -> the function registered before install()
+
+
+def install() -> None:
+    """Register :func:`_sdpa_or_rows` as transformers' ``"sdpa"`` attention (once; calls without the
+    layout keyword go to the function it replaces)."""
     from transformers import AttentionInterface
 
-    if NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(NAME, rows_attention)
+    current = AttentionInterface._global_mapping["sdpa"]
+    if current is not _sdpa_or_rows:
+        _previous["sdpa"] = current
+        AttentionInterface.register("sdpa", _sdpa_or_rows)
 
 
 def applies(model) -> bool:
     """Does the model's config select transformers' SDPA (the implementation :func:`rows_attention` reproduces)?"""
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
-
-
-@contextmanager
-def over_rows(model):
-    """Within: ``model``'s attention is :func:`rows_attention` (``model`` must satisfy :func:`applies`)."""
-    _register()
-    cfg = model.config
-    cfg._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = "sdpa"

@@ -157,10 +157,9 @@ def _response_states(backbone, inputs: dict, mask: torch.Tensor, prompt_len: int
         return _hidden(backbone, inputs, mask)[:, prompt_len - 1:-1][rows, cols]
     kw = {"attention_mask": packed.attention_mask, "position_ids": packed.position_ids, "use_cache": False}
     if row_attention_pays(backbone):
-        with row_attention.over_rows(backbone):
-            hidden = backbone(**inputs, **kw, alignkit_rows=packed.row_layout).last_hidden_state  # (G, L, H)
-    else:
-        hidden = backbone(**inputs, **kw).last_hidden_state  # (G, L, H)
+        row_attention.install()
+        kw["alignkit_rows"] = packed.row_layout  # handed to each layer's attention, also when recomputed
+    hidden = backbone(**inputs, **kw).last_hidden_state  # (G, L, H)
     return hidden.flatten(0, 1)[packed.prev]
 
 
