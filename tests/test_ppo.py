@@ -374,7 +374,7 @@ def test_tied_embedding_gradients_equal_stock_autograd(tokenizer, monkeypatch):
 def test_pack_rollout_golden():
     """Rows 0 and 2 answer the same prompt [5, 6] (one group row, the prompt once); row 1 answers [7]
     (left-padded). Responses 2, 1 and 3 tokens long (right-padded with 0). Group rows pad to 7 with 9."""
-    from alignkit.train.rl_common import pack_rollout, packing_pays
+    from alignkit.train.rl_common import pack_rollout, pick_layout
 
     ids = torch.tensor([[0, 5, 6, 11, 12, 0], [0, 0, 7, 21, 0, 0], [0, 5, 6, 31, 32, 33]])
     mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
@@ -417,18 +417,21 @@ def test_pack_rollout_golden():
         [0, 0, 0, 0, 0, 1]])
     assert lay.mask.shape == (3, 1, 6, 6) and torch.equal(lay.mask[1, 0].int(), row_1)
     assert torch.equal(lay.mask[2, 0, 5].int(), torch.tensor([0, 1, 1, 1, 1, 1]))  # 33 sees its row, not row 0's
-    # cost: 6H·tokens + Σ L²; packed 6·8·14 + 2·49 = 770 vs padded 6·8·18 + 3·36 = 972 at H = 8
-    assert packing_pays(pk, (3, 6), hidden_size=8)
-    assert packing_pays(pk, (3, 6), hidden_size=8, attention_over_rows=True)  # 14 tokens < 18
-    # K long responses to one short prompt in a single row: its L² attention outgrows what packing saves,
-    # unless attention runs over the padded rows
-    long = torch.ones(16, 2 + 40, dtype=torch.long)
-    long_pk = pack_rollout(long, torch.ones_like(long), 2, torch.ones(16, 40))
-    assert long_pk.input_ids.shape == (1, 2 + 16 * 40) and not packing_pays(long_pk, (16, 42), hidden_size=8)
-    assert packing_pays(long_pk, (16, 42), hidden_size=8, attention_over_rows=True)
+    # cost in units of 4H: 6H per token, 1 per attention pair, 0.6H per padded position for the rows'
+    # copies. At H = 8: padded 6·8·18 + 3·36 = 972, packed 6·8·14 + 2·49 = 770, rows 6·8·14 + 3·36 + 86 = 866
+    assert pick_layout(pk, (3, 6), hidden_size=8) == "packed"
+    assert pick_layout(pk, (3, 6), hidden_size=8, rows_ok=True) == "packed"
+    # 16 responses of 80 tokens to one 20-token prompt, H = 576: the packed row (1300 tokens) attends over
+    # 1300² pairs and costs more than the padded batch (6.18M against 5.69M); with attention over the
+    # padded rows it costs 4.49M + 0.16M + 0.55M = 5.20M
+    long = torch.ones(16, 20 + 80, dtype=torch.long)
+    long_pk = pack_rollout(long, torch.ones_like(long), 20, torch.ones(16, 80))
+    assert long_pk.input_ids.shape == (1, 20 + 16 * 80)
+    assert pick_layout(long_pk, (16, 100), hidden_size=576) == "padded"
+    assert pick_layout(long_pk, (16, 100), hidden_size=576, rows_ok=True) == "rows"
     # no sharing, no padding: nothing to save
-    alone = pack_rollout(long[:1], torch.ones_like(long[:1]), 2, torch.ones(1, 40))
-    assert not packing_pays(alone, (1, 42), hidden_size=8, attention_over_rows=True)
+    alone = pack_rollout(long[:1], torch.ones_like(long[:1]), 20, torch.ones(1, 80))
+    assert pick_layout(alone, (1, 100), hidden_size=576, rows_ok=True) == "padded"
 
 
 def _count_row_attention(monkeypatch) -> list[int]:
@@ -479,7 +482,13 @@ def test_packed_policy_value_equals_padded(tokenizer, value, rows, monkeypatch):
     packed_mod, padded_mod = PolicyValue(policy, temperature=0.7, **kw), PolicyValue(policy, temperature=0.7, pack=False, **kw)
     pk = rl_common.pack_rollout(ids, mask, p, rmask)
     assert pk.input_ids.shape == (2, 5 + 6 + 2 + 4)  # rows 0, 1, 3 with their prompt; row 2 shorter
-    assert rl_common.packing_pays(pk, tuple(ids.shape), policy.config.hidden_size)
+    real_pick = rl_common.pick_layout
+    picked = []
+
+    def pick(*args, **kwargs):  # the layout under test, whatever the cost model says for these tiny shapes
+        picked.append(real_pick(*args, **kwargs))
+        return "rows" if rows else "packed"
+    monkeypatch.setattr(rl_common, "pick_layout", pick)
 
     def run(module):
         module.zero_grad(set_to_none=True)
@@ -491,7 +500,8 @@ def test_packed_policy_value_equals_padded(tokenizer, value, rows, monkeypatch):
         return (logp, values, entropy), {n: q.grad.clone() for n, q in module.named_parameters() if q.grad is not None}
 
     (out_pk, g_pk), (out_pd, g_pd) = run(packed_mod), run(padded_mod)
-    assert rl_common._PACKS[policy]  # the packed path was taken
+    assert rl_common._PACKS[policy] and rl_common._ROWS[policy] == rows  # the check passed, for each layout tried
+    assert picked == ["packed"]  # the cost model's choice for these shapes (H = 64): packed
     # per layer (2) and backbone (1, or 2 with a separate value model): the training pass and the check's
     assert calls[0] == (2 * 2 * (1 + (value == "separate")) if rows else 0)
     assert (out_pk[1] is None) == (out_pd[1] is None) == (value == "none")
@@ -518,6 +528,7 @@ def test_row_attention_under_gradient_checkpointing_and_lora(tokenizer, monkeypa
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm)
     calls = _count_row_attention(monkeypatch)
+    monkeypatch.setattr(rl_common, "pick_layout", lambda *args, **kwargs: "rows")
     policy = make_tiny_llama(len(tokenizer), tie=True, kv_heads=2).double().train()
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
@@ -539,6 +550,37 @@ def test_row_attention_under_gradient_checkpointing_and_lora(tokenizer, monkeypa
     assert g_pk.keys() == g_pd.keys() and all("lora_" in n for n in g_pd) and len(g_pd) == 2 * 4 * 2
     for name in g_pd:
         torch.testing.assert_close(g_pk[name], g_pd[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_a_sliding_window_narrower_than_the_rows_keeps_the_padded_batch(tokenizer, monkeypatch):
+    """The packed layouts hand the model ready-made masks, without its sliding window. A Mistral whose
+    window (4) cuts the rollout's rows (11 tokens) must keep the padded batch; there the packed pass
+    would differ (checked), so packing it would be wrong, not only slower."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from alignkit.train import rl_common
+    from alignkit.train.rl_common import PolicyValue
+
+    torch.manual_seed(0)
+    policy = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, max_position_embeddings=512, pad_token_id=2)).eval()
+    ids, mask, p, rmask = _rollout_batch(len(tokenizer))
+    ids[1, :p], mask[1, :p] = ids[0, :p], mask[0, :p]
+    packs = []
+    real = rl_common.pack_rollout
+    monkeypatch.setattr(rl_common, "pack_rollout", lambda *a: packs.append(1) or real(*a))
+    with torch.no_grad():
+        expected = PolicyValue(policy, pack=False)(ids, mask, p, rmask)[0]
+        got = PolicyValue(policy)(ids, mask, p, rmask)[0]
+        assert packs == []  # neither checked nor used
+        forced = PolicyValue(policy)._forward(ids, mask, p, rmask, real(ids, mask, p, rmask), False, False)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.allclose(forced, expected, rtol=1e-4, atol=1e-3)  # the window matters here
+    policy.config.sliding_window = 64  # wider than the rows: packing is allowed again
+    with torch.no_grad():
+        PolicyValue(policy)(ids, mask, p, rmask)
+    assert packs
 
 
 @pytest.mark.parametrize("rows", [True, False], ids=["row-attention", "packed-mask"])

@@ -67,7 +67,8 @@ class PackedRollout:
                                            token: the prompt's last token for the first, else the previous
     rows, cols               (N,)          where those N tokens sit in the (B, T) response coordinates
     row_layout               ops.row_attention.RowLayout: the same positions in the padded (B, P+T) rows,
-                                           for attention computed there (:func:`row_attention_pays`)
+                                           for attention computed there
+    over_rows                bool          run attention over those padded rows (else over the packed rows)
     Positions continue the prompt's, so every response sees exactly the context it has alone.
     """
 
@@ -78,6 +79,7 @@ class PackedRollout:
     rows: torch.Tensor
     cols: torch.Tensor
     row_layout: RowLayout
+    over_rows: bool = False
 
 
 def pack_rollout(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
@@ -124,29 +126,45 @@ def pack_rollout(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
                          row_layout=row_layout(real, packed_index, len(groups) * width, first))
 
 
-def packing_pays(packed: PackedRollout, padded_shape: tuple[int, int], hidden_size: int,
-                 attention_over_rows: bool = False) -> bool:
-    """Is the packed pass cheaper than the padded one? Per layer, the linear maps cost ~24·H² FLOPs
-    per token (4H² attention projections, 2 x 3·H·I for the MLP with I ~ 2.7H) and attention ~4·H per
-    (query, key) pair, masked pairs included (the kernels skip none). Packing saves the repeated
-    prompts and the padding, but with the packed mask a group's row is long: K responses in one row
-    attend over K times more pairs. So: 6H·tokens + Σ rows L² against the same for the padded (B, P+T)
-    batch. ``attention_over_rows`` (:mod:`alignkit.ops.row_attention`): attention runs over the padded
-    rows either way, so only the tokens count."""
+def pick_layout(packed: PackedRollout, padded_shape: tuple[int, int], hidden_size: int,
+                rows_ok: bool = False) -> str:
+    """The cheapest of ``"padded"`` (the (B, S) batch), ``"packed"`` (:func:`pack_rollout`'s rows, attention
+    over them with the packed mask) and, where ``rows_ok``, ``"rows"`` (packed rows for the linear maps,
+    attention over the padded rows: :mod:`alignkit.ops.row_attention`).
+
+    Per layer, the linear maps cost ~24·H² FLOPs per token (4H² attention projections, 2 x 3·H·I for the
+    MLP with I ~ 2.7H) and attention ~4·H per (query, key) pair, masked pairs included (the kernels skip
+    none): in units of 4H, 6H per token and 1 per pair. Packing drops repeated prompts and padding, but a
+    group's packed row is long (K responses attend over K times more pairs); attention over the padded
+    rows pays for their padding (a batch of very unequal responses) and for copying each layer's queries,
+    keys, values and outputs there and back, forward and backward: ~0.6·H per padded position, fitted to
+    benchmarks/bench_update.py (with 8 responses of 32-256 tokens, packed and rows took the same update
+    time where the model without that term put rows 14% lower). So padded 6H·B·S + B·S², packed
+    6H·G·L + G·L², rows 6H·G·L + B·S² + 0.6H·B·S. Ties go to the padded batch."""
     (g, width), (b, full) = packed.input_ids.shape, padded_shape
-    if attention_over_rows:
-        return g * width < b * full
-    return 6 * hidden_size * g * width + g * width ** 2 < 6 * hidden_size * b * full + b * full ** 2
+    linear_padded, linear_packed = 6 * hidden_size * b * full, 6 * hidden_size * g * width
+    costs = {"padded": linear_padded + b * full ** 2, "packed": linear_packed + g * width ** 2}
+    if rows_ok:
+        costs["rows"] = linear_packed + b * full ** 2 + 3 * hidden_size * b * full // 5
+    return min(costs, key=costs.get)  # the first of equal costs: padded
 
 
 def row_attention_pays(model) -> bool:
-    """Run a packed pass's attention over the padded rows (:mod:`alignkit.ops.row_attention`)? Where the
-    model uses transformers' SDPA, and ``ROW_ATTENTION`` is on."""
+    """Can a packed pass's attention run over the padded rows (:mod:`alignkit.ops.row_attention`)? Where
+    the model uses transformers' SDPA, and ``ROW_ATTENTION`` is on."""
     return ROW_ATTENTION and row_attention.applies(model)
 
 
-# False: packed passes attend over the packed rows with their (G, 1, L, L) mask (before commit "row attention")
+# False: packed passes attend over the packed rows with their (G, 1, L, L) mask (before ops/row_attention.py)
 ROW_ATTENTION = True
+
+
+def _window_bites(model, length: int) -> bool:
+    """Does a sliding attention window (Mistral, Qwen2 with one on) cut rows of ``length`` tokens? The
+    packed layouts give the model its masks ready-made, without the window."""
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    return window is not None and getattr(cfg, "use_sliding_window", True) is not False and window < length
 
 
 def _response_states(backbone, inputs: dict, mask: torch.Tensor, prompt_len: int, packed: PackedRollout | None,
@@ -156,7 +174,7 @@ def _response_states(backbone, inputs: dict, mask: torch.Tensor, prompt_len: int
     if packed is None:
         return _hidden(backbone, inputs, mask)[:, prompt_len - 1:-1][rows, cols]
     kw = {"attention_mask": packed.attention_mask, "position_ids": packed.position_ids, "use_cache": False}
-    if row_attention_pays(backbone):
+    if packed.over_rows:
         row_attention.install()
         kw["alignkit_rows"] = packed.row_layout  # handed to each layer's attention, also when recomputed
     hidden = backbone(**inputs, **kw).last_hidden_state  # (G, L, H)
@@ -171,11 +189,12 @@ class PolicyValue(nn.Module):
     neither: values is None (GRPO/RLOO). The module the optimiser and DDP see.
 
     ``pack`` (default): the backbones run on :func:`pack_rollout`'s rows (one per distinct prompt)
-    instead of the padded batch, when :func:`packing_pays` says they cost less: no padding, and a
-    GRPO group's prompt once. Their attention runs over the padded rows where the models use SDPA
-    (:func:`row_attention_pays`), else over the packed rows with the packed mask. Before the first packed pass, a few rows run both ways under no_grad;
-    a model whose results differ (one that ignores a 4D mask or explicit positions) keeps the
-    padded batch from then on.
+    instead of the padded batch, when :func:`pick_layout` says they cost less: no padding, and a
+    GRPO group's prompt once; their attention runs over the packed rows with the packed mask or, where
+    the models use SDPA and it is cheaper, over the padded rows (:mod:`alignkit.ops.row_attention`).
+    Before the first packed pass, a few rows run each way under no_grad; a model whose results differ
+    (one that ignores a 4D mask or explicit positions) keeps the padded batch (or the packed mask) from
+    then on. A sliding window narrower than the batch's rows keeps the padded batch.
     """
 
     def __init__(self, policy: nn.Module, *, temperature: float = 1.0, value_model: nn.Module | None = None,
@@ -191,14 +210,21 @@ class PolicyValue(nn.Module):
         skips the value role (values is None): the reference pass needs only log-probs, and a separate
         value model's backbone would cost a second forward."""
         packed = None
-        if self.pack and self._packing_works(ids, mask, prompt_len, response_mask, with_values):
+        roles = self._roles(with_values)
+        if self.pack and not any(_window_bites(_causal_lm(m), ids.shape[1]) for m, _ in roles) \
+                and self._packing_works(ids, mask, prompt_len, response_mask, with_values):
             packed = pack_rollout(ids, mask, prompt_len, response_mask)
-            backbone, head = _backbone_and_head(self.policy)
-            rows_too = row_attention_pays(backbone) and (self.value_model is None or not with_values
-                                                         or row_attention_pays(_value_backbone(self.value_model)))
-            if not packing_pays(packed, tuple(ids.shape), head.weight.shape[1], rows_too):  # the head is (V, H)
-                packed = None
+            rows_ok = all(_ROWS.get(m, False) for m, _ in roles)
+            hidden_size = _backbone_and_head(self.policy)[1].weight.shape[1]  # the head is (V, H)
+            layout = pick_layout(packed, tuple(ids.shape), hidden_size, rows_ok)
+            packed = None if layout == "padded" else packed
+            if packed is not None:
+                packed.over_rows = layout == "rows"
         return self._forward(ids, mask, prompt_len, response_mask, packed, with_entropy, with_values)
+
+    def _roles(self, with_values: bool) -> list[tuple[nn.Module, int]]:
+        """(model, index of its output in ``_forward``'s result) of the backbones a pass runs."""
+        return [(self.policy, 0)] + ([(self.value_model, 1)] if with_values and self.value_model is not None else [])
 
     def _forward(self, ids, mask, prompt_len: int, response_mask, packed: PackedRollout | None,
                  with_entropy: bool, with_values: bool):
@@ -231,26 +257,36 @@ class PolicyValue(nn.Module):
 
     def _packing_works(self, ids, mask, prompt_len, response_mask, with_values: bool) -> bool:
         """Do up to 3 rows (8 response tokens each) give the same log-probs (and values) packed as
-        padded? Checked once per model (DPO's layout_matches does the same for its layouts)."""
-        roles = [(self.policy, 0)] + ([(self.value_model, 1)] if with_values and self.value_model is not None else [])
+        padded, with the packed mask (``_PACKS``) and, where the model allows it, with attention over the
+        padded rows (``_ROWS``)? Checked once per model (DPO's layout_matches does the same for its layouts)."""
+        roles = self._roles(with_values)
         if any(model not in _PACKS for model, _ in roles):
             n, t = min(3, ids.shape[0]), min(8, response_mask.shape[1])
             few = (ids[:n, :prompt_len + t], mask[:n, :prompt_len + t], prompt_len, response_mask[:n, :t])
+            rows_ok = all(row_attention_pays(_value_backbone(m) if i else _backbone_and_head(m)[0]) for m, i in roles)
             was_training = self.training
-            self.eval()  # no dropout: the two passes must see the same network
+            self.eval()  # no dropout: the passes must see the same network
             try:  # a check of the layout, not of bf16 rounding: at full precision
                 with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
                     padded = self._forward(*few, None, False, with_values)
                     packed = self._forward(*few, pack_rollout(*few), False, with_values)
+                    if rows_ok:
+                        over_rows = pack_rollout(*few)
+                        over_rows.over_rows = True
+                        rows = self._forward(*few, over_rows, False, with_values)
             finally:
                 self.train(was_training)
+            same = lambda a, b: torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-3)  # noqa: E731
             for model, i in roles:
-                _PACKS[model] = torch.allclose(padded[i].float(), packed[i].float(), rtol=1e-4, atol=1e-3)
+                _PACKS[model] = same(padded[i], packed[i])
+                _ROWS[model] = rows_ok and same(padded[i], rows[i])
         return all(_PACKS[model] for model, _ in roles)
 
 
-# policy or value model -> whether its packed pass gives the padded results (PolicyValue._packing_works)
+# policy or value model -> whether its packed pass gives the padded results, with the packed mask (_PACKS)
+# and with attention over the padded rows (_ROWS) (PolicyValue._packing_works)
 _PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
