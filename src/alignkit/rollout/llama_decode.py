@@ -12,7 +12,7 @@ products: ~25 module calls per layer, a new attention mask, a cache object. This
   scaling) are transformers' own; RoPE runs once over the queries and keys together (the formula of
   ``apply_rotary_pos_emb``, which would run it on each);
 - keys and values in one preallocated (B, kv heads, P + max_new_tokens, head dim) buffer per layer,
-  attention over all its columns with a (B, 1, 1, columns) bool mask, the query heads of a key/value
+  attention over the columns written so far with a (B, 1, 1, columns) bool mask, the query heads of a key/value
   head grouped as transformers' SDPA path groups them for one query position.
 
 Mistral, Qwen2 and Qwen3 are Llama's layer with small changes, which the step covers: biases on
@@ -97,7 +97,8 @@ class LlamaDecoder:
         (B, length) is nonzero on the columns each row attends to (this one included). Returns the
         next-token logits (B, V) float32."""
         rows, heads, kv, dim = token.shape[0], self.heads, self.kv_heads, self.head_dim
-        allowed = mask.bool()[:, None, None, :]  # (B, 1, 1, length)
+        upto = column + 1  # buffer columns written so far (every row writes this step's at ``column``)
+        allowed = mask[:, :upto].bool()[:, None, None, :]  # (B, 1, 1, upto)
         h = self.embed(token)  # (B, H)
         cos, sin = self.rotary(h, position[:, None])  # (B, 1, head dim) each: broadcast over the heads
         for layer in self.layers:
@@ -111,8 +112,9 @@ class LlamaDecoder:
             layer["keys"][:, :, column] = qk[:, heads:]
             layer["values"][:, :, column] = qkv[:, (heads + kv) * dim:].view(rows, kv, dim)
             # the heads sharing a key/value head as that head's queries: (B, kv, heads / kv, dim)
-            out = F.scaled_dot_product_attention(q.view(rows, kv, heads // kv, dim), layer["keys"], layer["values"],
-                                                 attn_mask=allowed, scale=layer["scale"])
+            # over the columns written so far only: the later ones are masked for every row
+            out = F.scaled_dot_product_attention(q.view(rows, kv, heads // kv, dim), layer["keys"][:, :, :upto],
+                                                 layer["values"][:, :, :upto], attn_mask=allowed, scale=layer["scale"])
             h = h + self._linear(out.reshape(rows, heads * dim), layer["o"])
             gate_up = self._linear(layer["norm_post"].forward(h), layer["gate_up"])  # (B, 2 * intermediate)
             inter = layer["inter"]
