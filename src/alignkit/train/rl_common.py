@@ -214,7 +214,7 @@ class PolicyValue(nn.Module):
         if self.pack and not any(_window_bites(_causal_lm(m), ids.shape[1]) for m, _ in roles) \
                 and self._packing_works(ids, mask, prompt_len, response_mask, with_values):
             packed = pack_rollout(ids, mask, prompt_len, response_mask)
-            rows_ok = all(_ROWS.get(m, False) for m, _ in roles)
+            rows_ok = ROW_ATTENTION and all(_ROWS.get(m, False) for m, _ in roles)  # the switch, then the check
             hidden_size = _backbone_and_head(self.policy)[1].weight.shape[1]  # the head is (V, H)
             layout = pick_layout(packed, tuple(ids.shape), hidden_size, rows_ok)
             packed = None if layout == "padded" else packed
