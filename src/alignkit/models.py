@@ -249,6 +249,14 @@ def _is_peft(model) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
+def window_cuts(model, length: int) -> bool:
+    """Does the model's sliding attention window (Mistral's; Qwen's configs set it only with
+    ``use_sliding_window``) drop keys from sequences of ``length`` tokens? Where it does, only
+    transformers' own masks apply it: callers that build their own masks must not take over."""
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    return window is not None and length > window
+
+
 def _check_finite(model) -> None:
     """Refuse to save NaN or Inf. A NaN or an infinity in a tensor makes its sum NaN or infinite,
     so a finite sum clears the tensor without a tensor-sized temporary (``isfinite`` would allocate

@@ -66,15 +66,12 @@ def row_layout(real: torch.Tensor, packed_index: torch.Tensor, packed_size: int,
 
 
 def rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                   alignkit_rows: RowLayout | None = None, **kwargs):
+                   *, alignkit_rows: RowLayout, **kwargs):
     """transformers' attention signature. query (G, heads, L, d); key, value (G, kv heads, L, d) at the
-    packed positions. Returns ((G, L, heads, d), None), as ``sdpa_attention_forward`` does. Without a
-    layout: transformers' SDPA on the mask given."""
+    packed positions. Returns ((G, L, heads, d), None), as ``sdpa_attention_forward`` does. The packed
+    ``attention_mask`` is not used: ``alignkit_rows.mask`` takes its place."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if alignkit_rows is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
     lay = alignkit_rows
     groups, length = query.shape[0], query.shape[2]
 

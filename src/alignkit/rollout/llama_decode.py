@@ -190,12 +190,13 @@ def llama_decoder(model, rows: int, length: int, prepack=onednn.prepack) -> Llam
     under bf16 autocast (then its products run on bf16 copies, as autocast's), with no module hooks or
     per-instance forwards, no sliding window shorter than ``length`` and ``prepack``
     (:func:`.onednn.prepack`) available; else None (the caller keeps transformers' forward)."""
+    from ..models import window_cuts
+
     dtype = onednn.decode_dtype()
     inner, wrappers = _peft_wrappers(model)
     if not ENABLED or not _family_class(inner) or dtype not in (torch.float32, torch.bfloat16):
         return None
-    window = getattr(inner.config, "sliding_window", None)  # Mistral's, or Qwen's with use_sliding_window
-    if window is not None and length > window:  # the window would drop early keys: transformers' masks do that
+    if window_cuts(inner, length):  # the window would drop early keys: transformers' masks do that
         return None
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         return None

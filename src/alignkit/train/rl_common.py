@@ -20,14 +20,14 @@ import math
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import InputError
-from ..models import add_lora, frozen_copy, load_causal_lm, reference_context
+from ..models import add_lora, frozen_copy, load_causal_lm, reference_context, window_cuts
 from ..ops import row_attention
 from ..ops.logprobs import _causal_lm, linear_token_logprobs, tied_inputs
 from ..ops.row_attention import RowLayout, row_layout
@@ -38,12 +38,6 @@ from .loop import (MetricsLog, _check_finite, _set_rng_state, init_adamw_state, 
 def _backbone_and_head(model):
     causal = _causal_lm(model)
     return getattr(causal, causal.base_model_prefix), causal.get_output_embeddings()
-
-
-def _value_backbone(value_model):
-    from ..reward_model import _parts
-
-    return _parts(value_model)[0]
 
 
 def _hidden(backbone, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
@@ -159,14 +153,6 @@ def row_attention_pays(model) -> bool:
 ROW_ATTENTION = True
 
 
-def _window_bites(model, length: int) -> bool:
-    """Does a sliding attention window (Mistral, Qwen2 with one on) cut rows of ``length`` tokens? The
-    packed layouts give the model its masks ready-made, without the window."""
-    cfg = getattr(model, "config", None)
-    window = getattr(cfg, "sliding_window", None)
-    return window is not None and getattr(cfg, "use_sliding_window", True) is not False and window < length
-
-
 def _response_states(backbone, inputs: dict, mask: torch.Tensor, prompt_len: int, packed: PackedRollout | None,
                      rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """(N, H) the final hidden state before each response token, at (rows, cols) of the (B, T) response
@@ -211,7 +197,8 @@ class PolicyValue(nn.Module):
         value model's backbone would cost a second forward."""
         packed = None
         roles = self._roles(with_values)
-        if self.pack and not any(_window_bites(_causal_lm(m), ids.shape[1]) for m, _ in roles) \
+        # the packed layouts hand the model ready-made masks, without a sliding window
+        if self.pack and not any(window_cuts(_causal_lm(m), ids.shape[1]) for m, _ in roles) \
                 and self._packing_works(ids, mask, prompt_len, response_mask, with_values):
             packed = pack_rollout(ids, mask, prompt_len, response_mask)
             rows_ok = ROW_ATTENTION and all(_ROWS.get(m, False) for m, _ in roles)  # the switch, then the check
@@ -263,17 +250,16 @@ class PolicyValue(nn.Module):
         if any(model not in _PACKS for model, _ in roles):
             n, t = min(3, ids.shape[0]), min(8, response_mask.shape[1])
             few = (ids[:n, :prompt_len + t], mask[:n, :prompt_len + t], prompt_len, response_mask[:n, :t])
-            rows_ok = all(row_attention_pays(_value_backbone(m) if i else _backbone_and_head(m)[0]) for m, i in roles)
+            rows_ok = all(row_attention_pays(_causal_lm(m)) for m, _ in roles)
             was_training = self.training
             self.eval()  # no dropout: the passes must see the same network
             try:  # a check of the layout, not of bf16 rounding: at full precision
                 with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
                     padded = self._forward(*few, None, False, with_values)
-                    packed = self._forward(*few, pack_rollout(*few), False, with_values)
+                    layout = pack_rollout(*few)
+                    packed = self._forward(*few, layout, False, with_values)
                     if rows_ok:
-                        over_rows = pack_rollout(*few)
-                        over_rows.over_rows = True
-                        rows = self._forward(*few, over_rows, False, with_values)
+                        rows = self._forward(*few, replace(layout, over_rows=True), False, with_values)
             finally:
                 self.train(was_training)
             same = lambda a, b: torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-3)  # noqa: E731
