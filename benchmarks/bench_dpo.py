@@ -2,6 +2,7 @@
 
 Run:  .venv/bin/python benchmarks/bench_dpo.py [--quick] [--models tiny,embedded] [--steps N]
                                                  [--configs full-fp32-fly,lora-bf16-cached,...] [--skip-trl]
+                                                 [--data sample|long|PATH]
 
 Every (library, model, config) runs in its own fresh subprocess; its peak RSS is the child's
 ``ru_maxrss`` returned by ``os.wait4`` (so peaks never mix). alignkit runs through its CLI
@@ -31,7 +32,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "src" / "alignkit" / "sample_data" / "prefs.jsonl"
+SAMPLE = ROOT / "src" / "alignkit" / "sample_data" / "prefs.jsonl"
+# the preference file every run reads (--data; children inherit it through the environment)
+DATA = Path(os.environ.get("BENCH_DPO_DATA", SAMPLE))
+LONG_BUDGET = 250  # --data long: prompt + longer completion + EOS stay under this many tokens (max length 256)
 MAX_LENGTH = 256
 MAX_PROMPT_LENGTH = 256  # alignkit's CLI default; the sample prompts are far shorter (no truncation)
 LR = 5e-6
@@ -88,6 +92,32 @@ def prepare_embedded() -> Path:
     if not (folder / "config.json").is_file():
         _ensure_dequantised("smollm2-135m-instruct", resolve_model_source("smollm2-135m-instruct"))
     return folder
+
+
+def write_long_rows(path: Path, tok) -> Path:
+    """--data long: preference rows that nearly fill MAX_LENGTH, built from the sample file's own rows.
+
+    The sample rows are short (prompt + completion ~34 tokens, at most 49), so max length 256 never binds
+    and each library's per-token costs, not its (B, T, V) tensors, decide its peak. Here consecutive
+    sample rows are joined into one numbered multi-question row (prompt: the questions; chosen / rejected:
+    the answers in the same order) for as long as prompt + the longer completion + EOS stays within
+    LONG_BUDGET tokens, so neither library truncates. Deterministic; the 300 sample rows give 50."""
+    rows = [json.loads(ln) for ln in SAMPLE.read_text().splitlines() if ln.strip()]
+    n = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+
+    def joined(group: list[dict]) -> dict:
+        return {"prompt": "Answer each question.\n" + "\n".join(f"{i + 1}. {r['prompt']}" for i, r in enumerate(group)),
+                **{k: "\n".join(f"{i + 1}. {r[k]}" for i, r in enumerate(group)) for k in ("chosen", "rejected")}}
+
+    out, group = [], []
+    for r in rows:
+        j = joined(group + [r])
+        if group and n(j["prompt"]) + max(n(j["chosen"]), n(j["rejected"])) + 1 > LONG_BUDGET:
+            out.append(joined(group))
+            group = []
+        group.append(r)
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return path
 
 
 def count_params(folder: Path) -> int:
@@ -430,9 +460,20 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-trl", action="store_true", help="alignkit only (no TRL runs, no step-0 check)")
     ap.add_argument("--skip-check", action="store_true", help="skip the step-0 log-prob check")
     ap.add_argument("--work-dir", default=None, help="where models, runs and logs go (default: a temp dir)")
+    ap.add_argument("--data", default="sample",
+                    help="'sample' (the bundled prefs.jsonl, ~34 tokens a row), 'long' (its rows joined into "
+                         f"multi-question rows of up to {LONG_BUDGET} tokens, so max length {MAX_LENGTH} nearly binds) "
+                         "or a JSONL path of plain-string prompt/chosen/rejected rows")
     a = ap.parse_args(argv)
 
+    global DATA
     with work_dir(a.work_dir, "alignkit-bench-") as (work, finished):
+        if a.data == "long":
+            from alignkit.models import load_tokenizer
+            DATA = write_long_rows(work / "long_prefs.jsonl", load_tokenizer("smollm2-135m-instruct"))
+        elif a.data != "sample":
+            DATA = Path(a.data).resolve()
+        os.environ["BENCH_DPO_DATA"] = str(DATA)
         rc = bench(a, work)
         finished(rc)
     return rc
@@ -449,7 +490,8 @@ def bench(a: argparse.Namespace, work: Path) -> int:
             return 2
 
     import torch
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}; work dir {work}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}; work dir {work}; "
+          f"data {DATA}")
     results = []
     checks_ok = True
     for m in models:
