@@ -11,7 +11,7 @@ import torch
 
 from alignkit.data import (EncodedPair, collate_pairs, encode_preference, fingerprint,
                            load_preference_data, read_records, validate_preference_row)
-from alignkit.errors import InputError
+from alignkit.errors import InputError, RowNumber
 
 SAMPLE = Path(__file__).resolve().parent.parent / "src" / "alignkit" / "sample_data"
 W = ("f.jsonl", 3)
@@ -75,10 +75,14 @@ def test_readers_agree(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(
         str(tmp_path / "saved_dict"))
-    for name in ("d.jsonl", "d.json", "d.parquet", "d.csv", "saved", "saved_dict"):
+    # where each row is: file lines for JSONL and CSV (header on line 1), row numbers for the others
+    places = {"d.jsonl": ([1, 2], False), "d.csv": ([2, 3], False), "d.json": ([1, 2], True),
+              "d.parquet": ([1, 2], True), "saved": ([1, 2], True), "saved_dict": ([1, 2], True)}
+    for name, (numbers, rows_not_lines) in places.items():
         records = list(read_records(str(tmp_path / name)))
         assert [r for _, r in records] == rows, name
-        assert [w[1] for w, _ in records] == [1, 2], name
+        assert [w[1] for w, _ in records] == numbers, name
+        assert all(isinstance(w[1], RowNumber) == rows_not_lines for w, _ in records), name
 
 
 def test_conversational_parquet_and_json_lines(tmp_path):
@@ -169,13 +173,45 @@ def test_bad_lines_raise_with_line(tmp_path, tokenizer, raw, kind):
     assert e.value.kind == kind and str(e.value).startswith(f"{path}, line 3: ")
 
 
-def test_csv_row_numbers_exclude_header(tmp_path):
+def test_csv_rows_are_named_by_the_line_they_start_on(tmp_path):
+    """The header is line 1; a blank line is skipped but counted; a quoted cell spanning two lines
+    moves the next row down by two: the message names the line an editor shows."""
     path = tmp_path / "d.csv"
     with open(path, "w", newline="") as f:
+        f.write("prompt,chosen,rejected\r\n")
         w = csv.writer(f)
-        w.writerows([["prompt", "chosen", "rejected"], ["p", "a", "b"], ["p", "", "b"]])
-    with pytest.raises(InputError, match=r"d\.csv, line 2, field 'chosen'"):
-        list(validate_preference_row(r, w) for w, r in read_records(str(path)))
+        w.writerows([["p", "a", "b"], []])
+        w.writerows([["two\nlines", "a", "b"], ["p", "a"], ["p", "", "b"]])
+    records = list(read_records(str(path)))
+    assert [w[1] for w, _ in records] == [2, 4, 6, 7]
+    assert records[1][1]["prompt"] == "two\nlines" and records[2][1]["rejected"] is None
+    for (where, row), expected in zip(records[2:], ["line 6, field 'rejected': missing", "line 7, field 'chosen': is empty"]):
+        with pytest.raises(InputError) as e:
+            validate_preference_row(row, where)
+        assert str(e.value).startswith(f"{path}, {expected}")
+
+
+def test_rows_without_lines_are_named_rows(tmp_path, tokenizer):
+    """JSON arrays, Parquet and datasets have rows, not lines: the message says "row n"."""
+    import pandas as pd
+
+    (tmp_path / "d.json").write_text(json.dumps([STD, 5]))
+    with pytest.raises(InputError, match=r"d\.json, row 2: expected a JSON object, got int"):
+        load_preference_data(str(tmp_path / "d.json"), tokenizer, max_length=None, max_prompt_length=None)
+    pd.DataFrame([STD, dict(STD, chosen="")]).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(InputError, match=r"d\.parquet, row 2, field 'chosen': is empty"):
+        list(validate_preference_row(r, w) for w, r in read_records(str(tmp_path / "d.parquet")))
+
+
+def test_byte_order_mark_is_dropped(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark; JSON itself forbids one."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.jsonl").write_bytes(bom + json.dumps(STD).encode() + b"\r\n" + json.dumps(STD).encode())
+    (tmp_path / "d.json").write_bytes(bom + json.dumps([STD]).encode())
+    (tmp_path / "d.csv").write_bytes(bom + b"prompt,chosen,rejected\r\nWhat is 2+2?,4,5\r\n")
+    assert rows_of(str(tmp_path / "d.jsonl")) == [STD, STD]
+    assert rows_of(str(tmp_path / "d.json")) == [STD]
+    assert rows_of(str(tmp_path / "d.csv")) == [STD]
 
 
 def test_skip_invalid_counts_per_kind(tmp_path, tokenizer):

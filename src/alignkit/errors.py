@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 
+class RowNumber(int):
+    """A 1-based row index where the format has no lines to point at (a JSON array, Parquet, a
+    ``datasets`` folder or hub dataset): an :class:`InputError` whose ``line`` is one prints
+    "row N" instead of "line N"."""
+
+
 class InputError(Exception):
     """Bad user input: a data row, a config value, a model path.
 
-    The message always names the place: ``file``, ``line`` (a 1-based line or row
-    number where the format has one) and ``field``. The CLI prints ``str(err)`` and
-    exits with code 2, never a traceback.
+    The message always names the place: ``file``, ``line`` (the 1-based line of the file, or a
+    :class:`RowNumber` where the format has rows rather than lines) and ``field``. The CLI prints
+    ``str(err)`` and exits with code 2, never a traceback.
     """
 
     def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
@@ -25,7 +31,7 @@ class InputError(Exception):
         if self.file is not None:
             place.append(str(self.file))
         if self.line is not None:
-            place.append(f"line {self.line}")
+            place.append(f"{'row' if isinstance(self.line, RowNumber) else 'line'} {self.line}")
         if self.field is not None:
             place.append(f"field '{self.field}'")
         return (", ".join(place) + ": " if place else "") + self.message

@@ -2,9 +2,10 @@
 
 Every reader yields ``Record = (where, row_or_error)`` pairs, one per row:
 
-* ``where`` is ``(file name, n)``: ``n`` is the 1-based *line* number for JSONL and the
-  1-based *row* index for JSON arrays, Parquet, CSV (data rows; the header is not counted)
-  and ``datasets`` folders / hub datasets.
+* ``where`` is ``(file name, n)``: ``n`` is the 1-based *line* of the file for JSONL and CSV
+  (for CSV the line the record starts on, the header being line 1: what an editor shows), and
+  a 1-based :class:`~alignkit.errors.RowNumber` for JSON arrays, Parquet and ``datasets``
+  folders / hub datasets, which messages print as "row n".
 * ``row_or_error`` is the row (a ``dict``) or the :class:`InputError` that row raised
   (undecodable bytes, invalid JSON, not an object). Bad rows are errors *per row*, so the
   caller can skip one and go on (``--skip-invalid``).
@@ -22,12 +23,13 @@ import os
 from collections.abc import Iterator
 from typing import Any, Union
 
-from ..errors import InputError
+from ..errors import InputError, RowNumber
 
 Where = tuple[str, int]
 Record = tuple[Where, Union[dict, InputError]]
 
 _FILE_EXTS = (".jsonl", ".json", ".parquet", ".csv")
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
 
 
 def read_records(source: str, *, split: str = "train") -> Iterator[Record]:
@@ -80,6 +82,8 @@ def _parse_line(raw: bytes, where: Where) -> dict | InputError:
 def _read_jsonl(path: str) -> Iterator[Record]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(_BOM):  # the byte-order mark Windows editors write first
+                raw = raw[len(_BOM):]
             if raw.strip():  # blank lines are skipped, not counted as rows
                 where = (path, n)
                 yield where, _parse_line(raw.rstrip(b"\r\n"), where)
@@ -91,7 +95,7 @@ def _read_json(path: str) -> Iterator[Record]:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        parsed: Any = json.loads(data.decode("utf-8"))
+        parsed: Any = json.loads(data.decode("utf-8-sig"))  # a leading byte-order mark is dropped
     except UnicodeDecodeError:
         parsed = None  # let the line reader name the bad line
     except json.JSONDecodeError as e:
@@ -106,8 +110,8 @@ def _read_json(path: str) -> Iterator[Record]:
         raise InputError(f"a .json data file must hold an array of objects, got "
                          f"{type(parsed).__name__}", file=path, kind="wrong_type")
     for n, row in enumerate(parsed, start=1):
-        yield (path, n), row if isinstance(row, dict) else InputError(
-            f"expected a JSON object, got {type(row).__name__}", file=path, line=n,
+        yield (path, RowNumber(n)), row if isinstance(row, dict) else InputError(
+            f"expected a JSON object, got {type(row).__name__}", file=path, line=RowNumber(n),
             kind="wrong_type")
 
 
@@ -119,29 +123,34 @@ def _read_parquet(path: str) -> Iterator[Record]:
     except Exception as e:  # noqa: BLE001 - any pyarrow failure means an unreadable file
         raise InputError(f"cannot read Parquet file: {e}", file=path, field="data") from None
     for n, row in enumerate(table.to_pylist(), start=1):
-        yield (path, n), row
+        yield (path, RowNumber(n)), row
 
 
 def _read_csv(path: str) -> Iterator[Record]:
-    """CSV with a header row. All values stay strings (standard format only)."""
+    """CSV with a header row. All values stay strings (standard format only). Each row is named
+    by the file line it starts on (a quoted cell may span lines); blank lines are skipped, as
+    ``csv.DictReader`` skips them; a short row's missing cells are None, a long row's extra cells dropped."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
     except UnicodeDecodeError as e:
         raise InputError(f"file is not valid UTF-8 (byte offset {e.start})", file=path,
                          kind="undecodable") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        for n, row in enumerate(reader, start=1):
-            row.pop(None, None)  # surplus cells of a too-long row
-            yield (path, n), row
+        header = next(reader, None)  # None: an empty file, no rows
+        start = reader.line_num + 1  # the line the next record starts on
+        for cells in reader if header is not None else ():
+            line, start = start, reader.line_num + 1
+            if cells:
+                yield (path, line), {name: cells[i] if i < len(cells) else None for i, name in enumerate(header)}
     except csv.Error as e:
         raise InputError(f"cannot parse CSV: {e}", file=path, line=reader.line_num) from None
 
 
 def _iter_dataset(ds: Any, name: str) -> Iterator[Record]:
     for n, row in enumerate(ds, start=1):
-        yield (name, n), dict(row)
+        yield (name, RowNumber(n)), dict(row)
 
 
 def _pick_split(ds: Any, split: str, name: str) -> Any:
