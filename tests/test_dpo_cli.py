@@ -227,6 +227,42 @@ def test_bad_config_file_names_file_and_line(tiny_model_dir, prefs, tmp_path, ca
     assert "bad.yaml" in err and "line 4" in err and "'lr'" in err
 
 
+def test_unreadable_config_file_exits_2(tiny_model_dir, prefs, tmp_path, capsys):
+    """A folder (or a file without read permission) given as --config is bad input, not a crash."""
+    assert cli.main(args(tiny_model_dir, prefs, tmp_path / "out", "--config", str(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}, field 'config': cannot read the config file" in err and "Traceback" not in err
+
+
+def test_several_data_files_on_the_command_line(tiny_model_dir, prefs, tmp_path, capsys):
+    """--data takes several sources, as the YAML's list does: the run reads the rows of each."""
+    import yaml
+
+    out = tmp_path / "out"
+    assert cli.main(args(tiny_model_dir, prefs, tmp_path / "one")) == 0
+    one = capsys.readouterr().out
+    assert cli.main(args(tiny_model_dir, prefs, out, "--data", str(prefs), str(prefs))) == 0  # the later --data wins
+    two = capsys.readouterr().out
+    rows = [int(text.split(" rows,")[0].rsplit(" ", 1)[1]) for text in (one, two)]
+    assert rows[1] == 2 * rows[0] > 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["data"] == [str(prefs), str(prefs)]
+
+
+def test_help_shows_each_commands_own_defaults(capsys):
+    """Where a command overrides a field's default (COMMAND_DEFAULTS), its --help says so."""
+    from alignkit.cli import build_parser
+    from alignkit.config import COMMAND_DEFAULTS
+
+    for command, overrides in COMMAND_DEFAULTS.items():
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+        for name, value in overrides.items():
+            flag = "--" + name.replace("_", "-")
+            shown = text.split(f"{flag} {name.upper()} ", 1)[1].split(" --", 1)[0]
+            assert shown.endswith(f"(default: {value})"), (command, flag, shown)
+
+
 def test_missing_model_and_data_exit_2(prefs, tmp_path, capsys):
     assert cli.main(args(tmp_path / "nope", prefs, tmp_path / "out")) == 2
     assert "model" in capsys.readouterr().err

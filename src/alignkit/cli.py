@@ -12,9 +12,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
-from .config import SECTIONS, build_config, flatten_yaml
+from .config import COMMAND_DEFAULTS, SECTIONS, build_config, flatten_yaml
 from .errors import InputError, NonFiniteError
 
 COMMANDS = {
@@ -40,7 +41,7 @@ LABEL_HELP = "the labeling web app: `label serve` (rank and score K responses), 
 def _flag_type(annotation: Any):
     """argparse type and nargs for a pydantic field annotation."""
     args = [a for a in get_args(annotation) if a is not type(None)]
-    base = args[0] if get_origin(annotation) is not None and args else annotation
+    base = args[0] if get_origin(annotation) in (Union, UnionType) and args else annotation  # X | None -> X
     if get_origin(base) is list:
         return str, "+"
     if get_origin(base) is not None:  # Literal[...]
@@ -49,11 +50,12 @@ def _flag_type(annotation: Any):
 
 
 def _add_fields(parser: argparse.ArgumentParser, command: str) -> None:
+    overrides = COMMAND_DEFAULTS.get(command, {})
     for section, cls in SECTIONS[command].items():
         group = parser.add_argument_group(section)
         for name, info in cls.model_fields.items():
             flag = "--" + name.replace("_", "-")
-            default = "required" if info.is_required() else f"default: {info.default}"
+            default = "required" if info.is_required() else f"default: {overrides.get(name, info.default)}"
             help_text = f"{info.description} ({default})"
             if info.annotation is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,

@@ -330,6 +330,8 @@ def flatten_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         data = yaml.safe_load(text)
     except FileNotFoundError:
         raise InputError("config file not found", file=str(path), field="config") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise InputError(f"cannot read the config file: {e.strerror or e}", file=str(path), field="config") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         raise InputError(f"not valid YAML: {getattr(e, 'problem', e)}", file=str(path),
