@@ -151,6 +151,17 @@ def test_config_file_and_flags(tiny_model_dir, prefs, tmp_path):
     assert cli.main(["dpo", "--config", str(tmp_path / "again.yaml")]) == 0
 
 
+@pytest.mark.parametrize("loss,beta,label_smoothing", [("cdpo", 0.1, 0.1), ("simpo", 2.0, 0.0)])
+def test_saved_config_holds_the_values_the_loss_ran_with(loss, beta, label_smoothing, tiny_model_dir, prefs, tmp_path):
+    """Unset beta and cDPO's 0 label smoothing resolve to the loss's defaults; config.yaml records those."""
+    import yaml
+
+    out = tmp_path / "out"
+    assert cli.main(args(tiny_model_dir, prefs, out, "--loss", loss, "--max-steps", "1")) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())["dpo"]
+    assert (saved["beta"], saved["label_smoothing"]) == (beta, label_smoothing)
+
+
 def test_existing_run_is_not_clobbered(tiny_model_dir, prefs, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(args(tiny_model_dir, prefs, out)) == 0

@@ -80,7 +80,8 @@ class DPOConfig(_Section):
     ref_model: str | None = Field(None, description="reference model (default: the starting policy; with LoRA, the base with adapters disabled)")
     loss: str = Field("dpo", description="dpo, cdpo, ipo, simpo, dpop, hinge or robust")
     beta: float | None = Field(None, gt=0, description="beta (default per loss: 0.1; simpo 2.0)")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO / robust DPO: probability a label is flipped")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO / robust DPO: probability a label is flipped "
+                                                                "(0: 0.1 for cdpo and robust; dpo takes it too)")
     gamma: float = Field(1.0, ge=0, description="SimPO target margin, in reward units")
     lam: float = Field(50.0, ge=0, description="DPO-Positive lambda")
     ref_cache: bool = Field(True, description="compute reference log-probs once before training and cache them on disk")

@@ -262,6 +262,12 @@ def get_loss_spec(name: str | LossKind) -> LossSpec:
         raise ValueError(f"unknown loss {name!r}; valid losses: {valid}") from None
 
 
+def effective_label_smoothing(kind: LossKind | str, label_smoothing: float) -> float:
+    """The flip probability ``kind`` trains with: cDPO and robust DPO take :data:`DEFAULT_NOISE` when
+    given 0 (at 0 both would be plain DPO); every other loss takes the value as given."""
+    return DEFAULT_NOISE if LossKind(kind) in (LossKind.CDPO, LossKind.ROBUST) and label_smoothing == 0 else label_smoothing
+
+
 def preference_loss(kind: str | LossKind, *, policy_chosen_logps: Tensor,
                     policy_rejected_logps: Tensor,
                     reference_chosen_logps: Tensor | None = None,
@@ -289,8 +295,7 @@ def preference_loss(kind: str | LossKind, *, policy_chosen_logps: Tensor,
                          "reference_rejected_logps")
     args = (*policy, reference_chosen_logps, reference_rejected_logps)
     if spec.kind in (LossKind.CDPO, LossKind.ROBUST):
-        eps = DEFAULT_NOISE if label_smoothing == 0 else label_smoothing
-        return spec.fn(*args, beta=beta, label_smoothing=eps)
+        return spec.fn(*args, beta=beta, label_smoothing=effective_label_smoothing(spec.kind, label_smoothing))
     if spec.kind is LossKind.DPO:
         return spec.fn(*args, beta=beta, label_smoothing=label_smoothing)
     if spec.kind is LossKind.DPOP:

@@ -136,13 +136,21 @@ def _cached_reference(accelerator, ref_model, pairs_by_split: dict[str, list], c
     return out
 
 
-def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: DPOConfig) -> Path:
-    """The whole `alignkit dpo` run. Returns the output folder."""
+def resolve_dpo(dpo: DPOConfig) -> DPOConfig:
+    """``dpo`` with the values its loss trains with filled in (beta: the loss's default when unset;
+    cDPO / robust label smoothing: the default when 0), so config.yaml records what ran."""
     try:
         spec = losses.get_loss_spec(dpo.loss)
     except ValueError as e:
         raise InputError(str(e), field="loss") from None
-    beta = dpo.beta if dpo.beta is not None else spec.default_beta
+    return dpo.model_copy(update={"beta": dpo.beta if dpo.beta is not None else spec.default_beta,
+                                  "label_smoothing": losses.effective_label_smoothing(spec.kind, dpo.label_smoothing)})
+
+
+def run_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: DPOConfig) -> Path:
+    """The whole `alignkit dpo` run. Returns the output folder."""
+    dpo = resolve_dpo(dpo)
+    spec, beta = losses.get_loss_spec(dpo.loss), dpo.beta
     accelerator = make_accelerator(model.precision, train_cfg.seed)
     tokenizer = load_tokenizer(model.model, trust_remote_code=model.trust_remote_code)
     load = partial(load_preference_data, tokenizer=tokenizer, max_length=data.max_length,

@@ -140,8 +140,9 @@ def promote(src: Path, dst: Path) -> None:
 def run_online_dpo(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, dpo: DPOConfig,
                    sampling: SamplingConfig, online: OnlineDPOConfig) -> Path:
     """`alignkit online-dpo`: ``online.rounds`` of sample -> rank with the judge -> DPO. Returns the output folder."""
-    from .dpo import run_dpo
+    from .dpo import resolve_dpo, run_dpo
 
+    dpo = resolve_dpo(dpo)
     out, tokenizer, prompts, judge = _start_rounds(
         model, data, train_cfg, online.reward_model,
         {"model": model, "data": data, "train": train_cfg, "dpo": dpo, "sampling": sampling, "online": online})
