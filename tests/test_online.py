@@ -98,11 +98,20 @@ def test_online_dpo_rounds_and_resume(tiny_model_dir, prompts, judge, tmp_path):
     # round 2 started from round 1's policy: its samples differ from round 1's
     s1, s2 = (rows(out / "rounds" / f"round-{r}" / "samples.jsonl") for r in (1, 2))
     assert [x["responses"] for x in s1] != [x["responses"] for x in s2]
-    # a rerun with --resume skips finished rounds and leaves the result as it was
+    assert [r["step"] for r in log] == [1, 2]  # a round is the run's logged step
+    # a rerun with --resume skips finished rounds and leaves the result as it was; its log keeps one line
+    # per finished round (here: a duplicate of round 2, and a round 3 that never wrote its marker, dropped)
     before = (out / "model.safetensors").read_bytes()
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(log[1]) + "\n" + json.dumps({**log[1], "step": 3, "round": 3}) + "\n")
     assert cli.main([*args, "--resume"]) == 0
     assert (out / "model.safetensors").read_bytes() == before
+    assert rows(out / "metrics.jsonl") == log
     assert cli.main(args) == 2  # an existing run is not clobbered without --resume / --overwrite
+    # --overwrite replaces the run: its log and rounds are the new run's only
+    assert cli.main([*args, "--overwrite", "--rounds", "1"]) == 0
+    assert [r["round"] for r in rows(out / "metrics.jsonl")] == [1]
+    assert not (out / "rounds" / "round-2").exists()
 
 
 def test_iterated_rlhf_retrains_the_reward_model_on_all_labels(tiny_model_dir, prompts, judge, tmp_path):

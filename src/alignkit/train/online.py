@@ -196,12 +196,30 @@ def _start_rounds(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, 
     print(f"prompts: {report.summary()}")
     judge = load_judge(judge_spec, tokenizer=tokenizer)
     out.mkdir(parents=True, exist_ok=True)
+    _start_round_log(out, resume=train_cfg.resume)
     dump_config(sections, out / "config.yaml")
     return out, tokenizer, prompts, judge
 
 
+def _start_round_log(out: Path, resume: bool) -> None:
+    """The run's metrics.jsonl holds one line per finished round. A new run (or --overwrite) starts it
+    empty and drops an earlier run's rounds; --resume keeps the lines of rounds whose marker was
+    written (a crash between the line and the marker would otherwise log that round twice)."""
+    metrics = out / "metrics.jsonl"
+    if not resume:
+        shutil.rmtree(out / "rounds", ignore_errors=True)
+        metrics.write_text("")
+        return
+    done = {json.loads(p.read_text())["round"] for p in (out / "rounds").glob("round-*/round_done.json")}
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    kept = {row["round"]: row for row in map(json.loads, filter(str.strip, lines)) if row.get("round") in done}
+    metrics.write_text("".join(json.dumps(kept[r]) + "\n" for r in sorted(kept)))
+
+
 def _round_done(out: Path, round_dir: Path, record: dict) -> None:
-    """Mark a round complete (a rerun with --resume skips it) and log it to the run's metrics.jsonl."""
+    """Mark a round complete (a rerun with --resume skips it) and log it to the run's metrics.jsonl
+    (its "step" is the round)."""
+    record = {"step": record["round"], **record}
     with (out / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
     (round_dir / "round_done.json").write_text(json.dumps(record))
