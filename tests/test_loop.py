@@ -100,9 +100,13 @@ def _private_cache(tmp_path, monkeypatch):
     # the embedded tokenizer cache stays shared: tests load it once per session from the user cache
 
 
-def test_resumed_run_ends_with_the_uninterrupted_weights(tiny_model_dir, small_prefs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_resumed_run_ends_with_the_uninterrupted_weights(log_every, tiny_model_dir, small_prefs, tmp_path, monkeypatch):
+    """Weights and log equal the uninterrupted run's. With --log-every 3 the step-6 line averages steps 4-6,
+    of which step 4 ran before the crash: the checkpoint keeps the open log window too."""
+    every = ("--log-every", str(log_every))
     full = tmp_path / "full"
-    assert _run(_train_args(tiny_model_dir, small_prefs, full, "--max-steps", "6")) == 0
+    assert _run(_train_args(tiny_model_dir, small_prefs, full, "--max-steps", "6", *every)) == 0
 
     calls = {"n": 0}
     real_step = dpo_recipe.dpo_step
@@ -115,21 +119,22 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(tiny_model_dir, small_p
 
     part = tmp_path / "part"
     monkeypatch.setattr(dpo_recipe, "dpo_step", crashing_step)
-    assert _run(_train_args(tiny_model_dir, small_prefs, part, "--max-steps", "6", "--save-every", "2")) == 1
+    assert _run(_train_args(tiny_model_dir, small_prefs, part, "--max-steps", "6", "--save-every", "2", *every)) == 1
     assert [p.name for p in list_checkpoints(part / "checkpoints")] == ["step-2", "step-4"]
     assert not (part / "model.safetensors").exists()
     monkeypatch.setattr(dpo_recipe, "dpo_step", real_step)
     assert _run(_train_args(tiny_model_dir, small_prefs, part, "--max-steps", "6", "--save-every", "2",
-                            "--resume")) == 0
+                            "--resume", *every)) == 0
 
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]  # the crashed run's log was cut back to its checkpoint
-    full_log = [json.loads(x)["loss"] for x in (full / "metrics.jsonl").read_text().splitlines()]
-    part_log = [json.loads(x)["loss"] for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(log_every, 7, log_every))  # the crashed run's log was cut back to its checkpoint
+    keys = ("loss", "rewards/margins", "grad_norm", "num_tokens")
+    full_log, part_log = ([[json.loads(x)[k] for k in keys] for x in (out / "metrics.jsonl").read_text().splitlines()]
+                          for out in (full, part))
     assert full_log == part_log
 
 

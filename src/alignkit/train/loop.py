@@ -112,9 +112,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
-                    scheduler, limit: int | None = None, num_tokens: int = 0) -> Path:
+                    scheduler, limit: int | None = None, num_tokens: int = 0, log_window: dict | None = None) -> Path:
     """Write checkpoints/step-N atomically: into a temporary folder, then one rename.
-    A crash mid-save leaves the previous checkpoint as the newest complete one."""
+    A crash mid-save leaves the previous checkpoint as the newest complete one. ``log_window``: the
+    metrics of the steps since the last log line (:meth:`_Window.state`), for an exact resumed log."""
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -125,7 +126,7 @@ def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tenso
     save_file(trainable, str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": _rng_state()}, tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "num_tokens": num_tokens}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "num_tokens": num_tokens, "log_window": log_window}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     if limit:
@@ -151,8 +152,8 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, module: nn.Module, save_target: nn.Module, optimizer, scheduler,
-                    sharded: bool = False) -> tuple[int, int]:
-    """Restore a checkpoint; returns (step, tokens seen so far)."""
+                    sharded: bool = False) -> tuple[int, int, dict | None]:
+    """Restore a checkpoint; returns (step, tokens seen so far, the open log window's state or None)."""
     state = load_file(str(path / "trainable.safetensors"))
     extra = torch.load(path / "trainer_state.pt", weights_only=False)
     if sharded:
@@ -166,7 +167,7 @@ def load_checkpoint(path: Path, module: nn.Module, save_target: nn.Module, optim
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
     state = json.loads((path / "state.json").read_text())
-    return state["step"], state.get("num_tokens", 0)
+    return state["step"], state.get("num_tokens", 0), state.get("log_window")
 
 
 # ---------------------------------------------------------------- logging
@@ -208,10 +209,14 @@ class _Window:
     """Metrics averaged over the steps since the last log line; tokens/s over training time only
     (evaluation and checkpointing are not counted)."""
 
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.steps = self.tokens = 0
-        self.seconds = 0.0
+    def __init__(self, state: dict | None = None):
+        self.sums: dict[str, float] = dict(state["sums"]) if state else {}
+        self.steps, self.tokens = (state["steps"], state["tokens"]) if state else (0, 0)
+        self.seconds = state["seconds"] if state else 0.0
+
+    def state(self) -> dict:
+        """What a checkpoint keeps so a resumed run's next log line averages the same steps."""
+        return {"sums": self.sums, "steps": self.steps, "tokens": self.tokens, "seconds": self.seconds}
 
     def add(self, metrics: dict[str, float], tokens: int, seconds: float) -> None:
         for k, v in metrics.items():
@@ -409,14 +414,15 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
 
     ckpt_root = out_dir / "checkpoints"
     start = seen_tokens = 0
+    window_state = None
     if cfg.resume and (found := list_checkpoints(ckpt_root)):
-        start, seen_tokens = load_checkpoint(found[-1], module, save_target, optimizer, scheduler, sharded)
+        start, seen_tokens, window_state = load_checkpoint(found[-1], module, save_target, optimizer, scheduler, sharded)
         accelerator.print(f"resuming from {found[-1]} (step {start} of {steps})")
     log = MetricsLog(out_dir, accelerator.is_main_process, resume_step=start)
     bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process),
                desc="train", unit="step", dynamic_ncols=True)
     try:
-        window = _Window()
+        window = _Window(window_state)
         last: dict[str, float] = {}
         module.train()
         for step in range(start, steps):
@@ -461,7 +467,7 @@ def train(*, accelerator, module: nn.Module, save_target: nn.Module, examples: S
                 trainable, optim_state = checkpoint_state(module, save_target, optimizer, sharded)
                 if accelerator.is_main_process:
                     save_checkpoint(ckpt_root, done, trainable, optim_state, scheduler, cfg.save_limit,
-                                    num_tokens=seen_tokens)
+                                    num_tokens=seen_tokens, log_window=window.state())
                 accelerator.wait_for_everyone()
             bar.update(1)
     finally:
