@@ -17,7 +17,7 @@ Prints three tables (fp32, torch's default thread count):
 Machines differ: on the AVX2-only EPYC of 2026-11-25 the step was bandwidth-bound (28 GB/s reads,
 35 ms of products); on the one of 2026-12-02 reads ran at 72-80 GB/s but the 8-row products no
 faster (see benchmarks/README.md, bench_rl section). Run this first on a new machine to know which.
-Random inputs; the model's real weights. Not a timed test.
+Table 2 uses random weights of the model's shapes; table 3 the model's own weights. Not a timed test.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def kernels_table(shapes: list[tuple[int, int]], rows: int, layers: int) -> None
     print(f"| weight (out, in) | kernel | hot ms/call | streamed ms/call | streamed GB/s |\n|---|---|---:|---:|---:|")
     for out_f, in_f in shapes:
         x = torch.randn(rows, in_f)
+        # one copy per layer, so the streamed pass reads them out of cache; the LM head is one weight anyway
         weights = [torch.randn(out_f, in_f) for _ in range(layers if out_f * in_f < 10 ** 7 else 1)]
         packed = [onednn.prepack(w, rows) for w in weights]
         kernels = {
@@ -100,7 +101,8 @@ def step_table(model, rows: int) -> None:
         return y
 
     decoder._linear = timed
-    per_call_ms(step, 10, warmup=0)
+    timed_steps = 10
+    per_call_ms(step, timed_steps, warmup=0)
     outputs = {}
 
     def looked_up(x, packed):
@@ -114,8 +116,9 @@ def step_table(model, rows: int) -> None:
     print(f"| one decoding step, {rows} rows | ms |\n|---|---:|")
     print(f"| wall | {wall:.1f} |")
     for width, times in sorted(inside.items()):
-        print(f"| inside products of output width {width} ({len(times) // 10} per step) | {sum(times) / 10 * 1e3:.1f} |")
-    print(f"| inside all products | {sum(sum(t) for t in inside.values()) / 10 * 1e3:.1f} |")
+        print(f"| inside products of output width {width} ({len(times) // timed_steps} per step) | "
+              f"{sum(times) / timed_steps * 1e3:.1f} |")
+    print(f"| inside all products | {sum(sum(t) for t in inside.values()) / timed_steps * 1e3:.1f} |")
     print(f"| the step with its products looked up (the rest alone) | {rest:.1f} |\n")
 
 
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
     host_table()
     model = load_causal_lm(a.model).eval()
     cfg = model.config
-    h, inter, head_dim = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads  # as LlamaDecoder reads it
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim
     kernels_table([(qkv, h), (h, h), (2 * inter, h), (h, inter), (cfg.vocab_size, h)], a.rows, cfg.num_hidden_layers)
     with torch.no_grad():
