@@ -6,13 +6,13 @@ Prints three tables (fp32, torch's default thread count):
 
 1. the host: a 1 GiB streaming read (GB/s) and large fp32 products (GFLOP/s), the two ceilings a
    decoding step runs against;
-2. the 8-row products of the model's weight shapes through each kernel torch offers (oneDNN on
-   prepacked weights, which the decoder uses; ``F.linear``; ``W @ x^T``; MKL's packed sgemm), hot in
-   cache (one weight called repeatedly) and streamed (all 30 layers' weights in turn, as a step reads
-   them);
-3. one ``LlamaDecoder.step``: its wall time, the time inside its products (perf_counter around each
-   call, grouped by output width) and the step with every product replaced by a lookup of its output
-   (what the rest of the step costs alone).
+2. the 8-row products of the model's weight shapes through each kernel at hand (oneDNN on prepacked
+   weights; alignkit's skinny.c, which the decoder uses in fp32 where it builds; ``F.linear``;
+   ``W @ x^T``; MKL's packed sgemm), hot in cache (one weight called repeatedly) and streamed (all
+   30 layers' weights in turn, as a step reads them);
+3. one ``LlamaDecoder.step``, with oneDNN's products and then with skinny.c's: its wall time, the
+   time inside its products (perf_counter around each call, grouped by output width) and the step
+   with every product replaced by a lookup of its output (what the rest of the step costs alone).
 
 Machines differ: on the AVX2-only EPYC of 2026-11-25 the step was bandwidth-bound (28 GB/s reads,
 35 ms of products); on the one of 2026-12-02 reads ran at 72-80 GB/s but the 8-row products no
@@ -53,7 +53,7 @@ def host_table() -> None:
 
 
 def kernels_table(shapes: list[tuple[int, int]], rows: int, layers: int) -> None:
-    from alignkit.rollout import onednn
+    from alignkit.rollout import native, onednn
 
     print(f"| weight (out, in) | kernel | hot ms/call | streamed ms/call | streamed GB/s |\n|---|---|---:|---:|---:|")
     for out_f, in_f in shapes:
@@ -62,10 +62,13 @@ def kernels_table(shapes: list[tuple[int, int]], rows: int, layers: int) -> None
         weights = [torch.randn(out_f, in_f) for _ in range(layers if out_f * in_f < 10 ** 7 else 1)]
         packed = [onednn.prepack(w, rows) for w in weights]
         kernels = {
-            "oneDNN prepacked (decoder)": [lambda p=p: onednn.linear(x, p, None, torch.float32) for p in packed],
+            "oneDNN prepacked": [lambda p=p: onednn.linear(x, p, None, torch.float32) for p in packed],
             "F.linear": [lambda w=w: F.linear(x, w) for w in weights],
             "W @ x^T": [lambda w=w: torch.mm(w, x.T) for w in weights],
         }
+        if native.available(rows):
+            panels = [native.pack(w) for w in weights]
+            kernels["skinny.c (native)"] = [lambda p=p: native.linear(x, p, out_f) for p in panels]
         try:
             mkl = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights]
             kernels["MKL packed sgemm"] = [lambda m=m, w=w: torch.ops.mkl._mkl_linear(x, m, w, None, rows)
@@ -94,9 +97,9 @@ def step_table(model, rows: int) -> None:
     wall = per_call_ms(step, 20, warmup=3)
     real, inside = decoder._linear, {}
 
-    def timed(x, packed):
+    def timed(x, packed, residual=None):
         start = time.perf_counter()
-        y = real(x, packed)
+        y = real(x, packed, residual)
         inside.setdefault(y.shape[1], []).append(time.perf_counter() - start)
         return y
 
@@ -105,15 +108,15 @@ def step_table(model, rows: int) -> None:
     per_call_ms(step, timed_steps, warmup=0)
     outputs = {}
 
-    def looked_up(x, packed):
+    def looked_up(x, packed, residual=None):
         if id(packed) not in outputs:
             outputs[id(packed)] = real(x, packed)
-        return outputs[id(packed)]
+        return outputs[id(packed)] if residual is None else residual + outputs[id(packed)]
 
     decoder._linear = looked_up
     rest = per_call_ms(step, 20, warmup=3)
     decoder._linear = real
-    print(f"| one decoding step, {rows} rows | ms |\n|---|---:|")
+    print(f"| one decoding step, {rows} rows, products by {'skinny.c' if decoder.native else 'oneDNN'} | ms |\n|---|---:|")
     print(f"| wall | {wall:.1f} |")
     for width, times in sorted(inside.items()):
         print(f"| inside products of output width {width} ({len(times) // timed_steps} per step) | "
@@ -137,8 +140,12 @@ def main(argv=None) -> int:
     head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads  # as LlamaDecoder reads it
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim
     kernels_table([(qkv, h), (h, h), (2 * inter, h), (h, inter), (cfg.vocab_size, h)], a.rows, cfg.num_hidden_layers)
+    from alignkit.rollout import llama_decode
+
     with torch.no_grad():
-        step_table(model, a.rows)
+        for products in (False, True):  # oneDNN's products, then skinny.c's where it builds here
+            llama_decode.NATIVE = products
+            step_table(model, a.rows)
     return 0
 
 

@@ -585,6 +585,74 @@ def test_prepacked_linear_equals_linear(shape, with_bias):
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+def _native_expected() -> bool:
+    """Should skinny.c build here? On x86-64 Linux with AVX2 + FMA and a C compiler it must: a failed build
+    there is a failure, not a skip."""
+    import shutil
+
+    from alignkit.rollout import native
+
+    return native._cpu_ok() and shutil.which("cc") is not None
+
+
+needs_native = pytest.mark.skipif(not _native_expected(), reason="skinny.c needs x86-64 Linux, AVX2 + FMA and cc")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 17])
+@pytest.mark.parametrize("outputs", [8, 50, 1031])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_native_linear_equals_exact_product(rows, outputs, with_bias):
+    """skinny.c's product, y = x W^T + b and in place h + (x W^T + b), for row counts that fill a block of
+    8 or 4 or leave a tail, output counts that fill the last panel of 8 or not: within fp32 rounding of
+    the float64 result (error below 1e-6 of sum |x||w| per output; a dropped or doubled term of the
+    K = 37 sums is 1e-2 of it), and the padded panel columns never written past N."""
+    from alignkit.rollout import native
+
+    assert native.library() is not None
+    g = torch.Generator().manual_seed(rows * 1000 + outputs)
+    x, w = torch.randn(rows, 37, generator=g), torch.randn(outputs, 37, generator=g)
+    b = torch.randn(outputs, generator=g) if with_bias else None
+    exact = x.double() @ w.double().T + (b.double() if with_bias else 0)
+    scale = x.abs().double() @ w.abs().double().T  # (rows, outputs): the size of each sum's rounding
+    packed = native.pack(w)
+    assert packed.shape == (-(-outputs // 8), 37, 8)
+    y = native.linear(x, packed, outputs, b)
+    assert y.shape == (rows, outputs)
+    assert ((y.double() - exact).abs() / scale).max() < 1e-6
+    h = torch.randn(rows, outputs + 3, generator=g)  # a wider buffer: the columns past N stay as they were
+    view = h[:, :outputs].clone()
+    before = h.clone()
+    native.linear(x, packed, outputs, b, out=view)
+    assert ((view.double() - before[:, :outputs].double() - exact).abs() / (scale + before[:, :outputs].abs())).max() < 1e-6
+    if rows > 1:
+        with pytest.raises(ValueError):
+            native.linear(x, packed, outputs, b, out=h[:, :outputs])  # not contiguous
+    with pytest.raises(ValueError):
+        native.linear(x[:, :36], packed, outputs, b)  # the wrong input width
+
+
+@needs_native
+def test_native_kernel_follows_torch_threads():
+    """The kernel's OpenMP threads are torch's own (one libgomp in the process), so torch.set_num_threads
+    caps them: on one thread the product still equals the two-thread one bit for bit (each output is one
+    thread's sum in order either way)."""
+    from alignkit.rollout import native
+
+    gomp = [line for line in open("/proc/self/maps") if "libgomp" in line]
+    native.library()
+    assert {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line} == {line.split()[-1] for line in gomp}
+    x, w = torch.randn(8, 64), torch.randn(300, 64)
+    packed = native.pack(w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.linear(x, packed, 300)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, native.linear(x, packed, 300))
+
+
 def _bf16_prepack() -> bool:
     """Can oneDNN block bf16 weights on this CPU? It refuses without AVX512-BW/VL/DQ or AVX-NE-CONVERT
     (an AVX2-only CPU), and then the decode keeps F.linear under bf16 autocast."""
@@ -644,13 +712,21 @@ def _llama_variant(vocab: int, variant: str):
     return model
 
 
+@pytest.mark.parametrize("products", ["native", "onednn"])
 @pytest.mark.parametrize("variant", ["policy", "gqa", "bias", "rope", "mistral", "mistral-window", "qwen2", "qwen3"])
-def test_llama_decoder_decodes_as_transformers(policy, prompt_ids, monkeypatch, variant):
+def test_llama_decoder_decodes_as_transformers(policy, prompt_ids, monkeypatch, variant, products):
     """The flat Llama step (fused, prepacked products; one key/value buffer per layer) gives the tokens
     and log-probs of transformers' own decoding, for left-padded prompts of different lengths, with
     grouped-query heads, projection biases and scaled RoPE, and for Mistral, Qwen2 (q/k/v biases, a
     sliding window wider than the generation) and Qwen3 (per-head q/k norms); and it is the path
-    generate takes."""
+    generate takes. Both product kernels: skinny.c's (residuals added in place) and oneDNN's."""
+    if products == "native" and not _native_expected():
+        pytest.skip("skinny.c needs x86-64 Linux, AVX2 + FMA and cc")
+    monkeypatch.setattr(llama_decode, "NATIVE", products == "native")
+    built = llama_decode.LlamaDecoder.__init__
+    kinds = []
+    monkeypatch.setattr(llama_decode.LlamaDecoder, "__init__",
+                        lambda self, *a, **k: built(self, *a, **k) or kinds.append(self.native))
     model = policy if variant == "policy" else _llama_variant(policy.config.vocab_size, variant)
     eos = _unused_id(torch.tensor([0]))
     steps = []
@@ -667,6 +743,7 @@ def test_llama_decoder_decodes_as_transformers(policy, prompt_ids, monkeypatch, 
     slow_sampled = generate(model, prompt_ids, max_new_tokens=10, temperature=0.7, eos_token_id=eos, pad_token_id=0,
                             generator=g)
     assert len(steps) == 18  # the sampled run used it too; the generic path did not
+    assert kinds == [products == "native"] * 2
     assert torch.equal(fast.response_ids, slow.response_ids)
     torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=2e-5, rtol=0)
     assert torch.equal(fast_sampled.response_ids, slow_sampled.response_ids)
@@ -696,7 +773,13 @@ def test_llama_decoder_only_for_plain_fp32_llamas(policy, prompt_ids):
     replaced = copy.deepcopy(policy)
     replaced.model.norm.forward = lambda x: x
     assert llama_decode.llama_decoder(replaced, 3, 20, _prepack) is None
-    assert llama_decode.llama_decoder(policy, 3, 20, lambda w, rows: None) is None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llama_decode, "NATIVE", False)  # oneDNN's products: without its blocking op, no decoder
+        assert llama_decode.llama_decoder(policy, 3, 20, lambda w, rows: None) is None
+        assert not llama_decode.llama_decoder(policy, 3, 20, _prepack).native
+    if _native_expected():  # skinny.c needs no oneDNN op, up to native.MAX_ROWS rows
+        assert llama_decode.llama_decoder(policy, 3, 20, lambda w, rows: None).native
+        assert not llama_decode.llama_decoder(policy, 33, 20, _prepack).native
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(llama_decode, "ENABLED", False)
         assert llama_decode.llama_decoder(policy, 3, 20, _prepack) is None

@@ -6,8 +6,13 @@ transformers' forward spent ~20 of such a step's ~50 ms (SmolLM2-135M, 8 rows) o
 products: ~25 module calls per layer, a new attention mask, a cache object. This module runs the same step as a flat loop:
 
 - per layer four products instead of seven: q, k, v as one (q+k+v rows) weight, gate and up as one,
-  then o and down; each weight, and the head, blocked once per generation by oneDNN for B-row inputs
-  (:mod:`.onednn`, the ops inductor's CPU backend uses for frozen linears);
+  then o and down; each weight, and the head, blocked once per generation for B-row inputs. In fp32
+  with up to ``native.MAX_ROWS`` rows the products are alignkit's own ``skinny.c`` (:mod:`.native`,
+  built once per machine with its C compiler), which also adds o's and down's outputs into the
+  residual stream in place; elsewhere, or where it does not build, oneDNN's on its own blocked
+  copies (:mod:`.onednn`, the ops inductor's CPU backend uses for frozen linears). On the 2-core
+  AVX2 EPYC, 8 rows of SmolLM2-135M, a step took 50 ms with skinny.c against 78 ms with oneDNN
+  (``benchmarks/probe_decode.py``);
 - the model's own RMSNorm forwards, rotary embedding and ``rotate_half``, so their numerics (and rope
   scaling) are transformers' own; RoPE runs once over the queries and keys together (the formula of
   ``apply_rotary_pos_emb``, which would run it on each);
@@ -47,21 +52,28 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from . import onednn
+from . import native, onednn
 
 # False: every model decodes through transformers' forward (generate's generic path)
 ENABLED = True
+# False: fp32 products through oneDNN even where skinny.c's kernel (:mod:`.native`) builds and runs
+NATIVE = True
 
 
 class LlamaDecoder:
     """Decoding steps for ``rows`` sequences of at most ``length`` positions (prompt + new tokens)."""
 
-    def __init__(self, model, rows: int, length: int, prepack, dtype: torch.dtype = torch.float32):
-        def packed(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
-            """The layers' weights stacked along the outputs, in ``dtype``, blocked for B rows; their biases."""
+    def __init__(self, model, rows: int, length: int, prepack, dtype: torch.dtype = torch.float32,
+                 use_native: bool = False):
+        def packed(layers) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+            """The layers' weights stacked along the outputs, in ``dtype``, blocked for B rows (``native.pack``'s
+            panels, or oneDNN's layout); their biases; the number of outputs."""
             weights = [_weight(layer).to(dtype) for layer in layers]  # (outputs, inputs) each
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # (sum of outputs, inputs)
-            return prepack(weight, rows), _cat_bias([_base(layer) for layer in layers], dtype)
+            blocked = native.pack(weight) if use_native else prepack(weight, rows)
+            return blocked, _cat_bias([_base(layer) for layer in layers], dtype), weight.shape[0]
+
+        self.native = use_native  # fp32 products through skinny.c, residual additions in place
 
         inner, cfg = model.model, model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -115,15 +127,22 @@ class LlamaDecoder:
             # over the columns written so far only: the later ones are masked for every row
             out = F.scaled_dot_product_attention(q.view(rows, kv, heads // kv, dim), layer["keys"][:, :, :upto],
                                                  layer["values"][:, :, :upto], attn_mask=allowed, scale=layer["scale"])
-            h = h + self._linear(out.reshape(rows, heads * dim), layer["o"])
+            h = self._linear(out.reshape(rows, heads * dim), layer["o"], residual=h)
             gate_up = self._linear(layer["norm_post"].forward(h), layer["gate_up"])  # (B, 2 * intermediate)
             inter = layer["inter"]
-            h = h + self._linear(layer["act"](gate_up[:, :inter]) * gate_up[:, inter:], layer["down"])
+            h = self._linear(layer["act"](gate_up[:, :inter]) * gate_up[:, inter:], layer["down"], residual=h)
         return self._linear(self.norm.forward(h), self.head).float()  # (B, V)
 
-    def _linear(self, x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-        """x (B, in) -> (B, out) in the decoder's dtype; x is cast first, as autocast casts a linear's input."""
-        return onednn.linear(x, packed[0], packed[1], self.dtype)
+    def _linear(self, x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor | None, int],
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in) -> x W^T + b (B, out) in the decoder's dtype (x cast first, as autocast casts a linear's
+        input); with ``residual`` (B, out) fp32, residual + (x W^T + b), written into ``residual`` itself
+        on the native path (the decoder's own hidden state, read by nothing else)."""
+        weight, bias, outputs = packed
+        if self.native:
+            return native.linear(x, weight, outputs, bias, out=residual)
+        y = onednn.linear(x, weight, bias, self.dtype)
+        return y if residual is None else residual + y
 
 
 def _base(layer: torch.nn.Module) -> torch.nn.Linear:
@@ -188,8 +207,9 @@ def llama_decoder(model, rows: int, length: int, prepack=onednn.prepack) -> Llam
     """A :class:`LlamaDecoder` where the model is a plain :data:`FAMILY` model (or, in fp32, one under peft
     LoRA adapters, decoded on its merged weights) with fp32 weights on the CPU, outside autocast or
     under bf16 autocast (then its products run on bf16 copies, as autocast's), with no module hooks or
-    per-instance forwards, no sliding window shorter than ``length`` and ``prepack``
-    (:func:`.onednn.prepack`) available; else None (the caller keeps transformers' forward)."""
+    per-instance forwards, no sliding window shorter than ``length``, and a product to run: skinny.c's
+    (fp32, at most ``native.MAX_ROWS`` rows, :data:`NATIVE` on, built here) or ``prepack``'s
+    (:func:`.onednn.prepack`); else None (the caller keeps transformers' forward)."""
     from ..models import window_cuts
 
     dtype = onednn.decode_dtype()
@@ -210,6 +230,7 @@ def llama_decoder(model, rows: int, length: int, prepack=onednn.prepack) -> Llam
         if type(module).__module__.startswith("peft.") and id(module) not in wrappers \
                 and (dtype != torch.float32 or not _lora_ok(module)):
             return None
-    if prepack(_base(inner.lm_head).weight.detach()[:1].to(dtype), rows) is None:  # the op is missing
+    use_native = NATIVE and dtype == torch.float32 and native.available(rows)
+    if not use_native and prepack(_base(inner.lm_head).weight.detach()[:1].to(dtype), rows) is None:  # op missing
         return None
-    return LlamaDecoder(inner, rows, length, prepack, dtype)
+    return LlamaDecoder(inner, rows, length, prepack, dtype, use_native)
