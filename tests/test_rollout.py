@@ -653,6 +653,51 @@ def test_native_kernel_follows_torch_threads():
     assert torch.equal(one, native.linear(x, packed, 300))
 
 
+@needs_native
+def test_native_rmsnorm_equals_the_models_rmsnorm():
+    """skinny.c's RMSNorm equals transformers' LlamaRMSNorm to fp32 rounding (rtol 2e-6), with an eps large
+    enough (1e-2) that dropping it, or normalising by the sum instead of the mean, would be 100x over."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from alignkit.rollout import native
+
+    g = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(37, eps=1e-2)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.5, generator=g)
+    x = torch.randn(5, 37, generator=g) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(native.rmsnorm(x, norm.weight, norm.variance_epsilon), norm(x), rtol=2e-6, atol=1e-7)
+
+
+@needs_native
+@pytest.mark.parametrize("dim", [16, 12])
+def test_native_attention_equals_sdpa(dim):
+    """skinny.c's one-query attention equals SDPA the way the decoder calls it (grouped heads as query
+    positions, a bool mask over the first ``upto`` columns), for 4 query heads on 2 key/value heads,
+    left-padded rows, a head size with and without a tail past 8; queries read out of a fused
+    q/k/v-like buffer; a row with no allowed column gets zeros."""
+    from alignkit.rollout import native
+
+    g = torch.Generator().manual_seed(dim)
+    rows, heads, kv, length, upto = 4, 4, 2, 20, 13
+    fused = torch.randn(rows, heads + 2 * kv, dim, generator=g)  # q, k, v of one token, as the decoder has them
+    q = fused[:, :heads]
+    keys, values = torch.randn(rows, kv, length, dim, generator=g), torch.randn(rows, kv, length, dim, generator=g)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    mask[2, 3:7] = 0
+    mask[3] = 0  # nothing to attend to
+    out = native.attention(q, keys, values, mask, upto, 0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(rows, kv, heads // kv, dim), keys[:, :, :upto], values[:, :, :upto],
+        attn_mask=mask[:, :upto].bool()[:, None, None, :], scale=0.3).reshape(rows, heads * dim)
+    torch.testing.assert_close(out[:3], ref[:3], rtol=0, atol=2e-6)
+    assert torch.equal(out[3], torch.zeros(heads * dim))
+    with pytest.raises(ValueError):
+        native.attention(q, keys, values, mask.int(), upto, 0.3)  # an int32 mask would be misread
+
+
 def _bf16_prepack() -> bool:
     """Can oneDNN block bf16 weights on this CPU? It refuses without AVX512-BW/VL/DQ or AVX-NE-CONVERT
     (an AVX2-only CPU), and then the decode keeps F.linear under bf16 autocast."""

@@ -11,7 +11,9 @@ products: ~25 module calls per layer, a new attention mask, a cache object. This
   built once per machine with its C compiler), which also adds o's and down's outputs into the
   residual stream in place; elsewhere, or where it does not build, oneDNN's on its own blocked
   copies (:mod:`.onednn`, the ops inductor's CPU backend uses for frozen linears). On the 2-core
-  AVX2 EPYC, 8 rows of SmolLM2-135M, a step took 50 ms with skinny.c against 78 ms with oneDNN
+  AVX2 EPYC, 8 rows of SmolLM2-135M, a step took 50 ms with skinny.c's products against 78 ms with
+  oneDNN's, and 34 ms once skinny.c also ran the RMSNorms and the attention (``ak_rmsnorm``,
+  ``ak_attention``: one call each where torch took ~7 and SDPA) against 67 ms in that run
   (``benchmarks/probe_decode.py``);
 - the model's own RMSNorm forwards, rotary embedding and ``rotate_half``, so their numerics (and rope
   scaling) are transformers' own; RoPE runs once over the queries and keys together (the formula of
@@ -96,6 +98,10 @@ class LlamaDecoder:
                 "keys": torch.zeros(rows, self.kv_heads, length, self.head_dim),
                 "values": torch.zeros(rows, self.kv_heads, length, self.head_dim),
             })
+        # skinny.c's RMSNorm and attention too, where every norm is one of the family's RMSNorm classes (the
+        # formula ak_rmsnorm reproduces) on fp32 weights
+        norms = [self.norm] + [layer[key] for layer in self.layers for key in ("norm_in", "norm_post")]
+        self.native_rest = use_native and all(_family_rmsnorm(norm) for norm in norms)
 
     def load(self, cache, width: int, repeats: int = 1) -> None:
         """Copy the prefill's keys and values (a ``DynamicCache`` over (B / repeats, P) prompts) into
@@ -110,11 +116,13 @@ class LlamaDecoder:
         next-token logits (B, V) float32."""
         rows, heads, kv, dim = token.shape[0], self.heads, self.kv_heads, self.head_dim
         upto = column + 1  # buffer columns written so far (every row writes this step's at ``column``)
-        allowed = mask[:, :upto].bool()[:, None, None, :]  # (B, 1, 1, upto)
+        # skinny.c's attention reads the int64 mask itself; SDPA takes a (B, 1, 1, upto) bool one
+        native_attention = self.native_rest and mask.dtype == torch.long and mask.stride(1) == 1
+        allowed = None if native_attention else mask[:, :upto].bool()[:, None, None, :]
         h = self.embed(token)  # (B, H)
         cos, sin = self.rotary(h, position[:, None])  # (B, 1, head dim) each: broadcast over the heads
         for layer in self.layers:
-            qkv = self._linear(layer["norm_in"].forward(h), layer["qkv"])  # (B, (heads + 2 kv) * dim)
+            qkv = self._linear(self._norm(layer["norm_in"], h), layer["qkv"])  # (B, (heads + 2 kv) * dim)
             # RoPE on the queries and keys in one pass, as apply_rotary_pos_emb does to each
             qk = qkv[:, :(heads + kv) * dim].view(rows, heads + kv, dim)
             if layer["q_norm"] is not None:  # Qwen3
@@ -123,15 +131,25 @@ class LlamaDecoder:
             q = qk[:, :heads]  # (B, heads, dim)
             layer["keys"][:, :, column] = qk[:, heads:]
             layer["values"][:, :, column] = qkv[:, (heads + kv) * dim:].view(rows, kv, dim)
-            # the heads sharing a key/value head as that head's queries: (B, kv, heads / kv, dim)
-            # over the columns written so far only: the later ones are masked for every row
-            out = F.scaled_dot_product_attention(q.view(rows, kv, heads // kv, dim), layer["keys"][:, :, :upto],
-                                                 layer["values"][:, :, :upto], attn_mask=allowed, scale=layer["scale"])
-            h = self._linear(out.reshape(rows, heads * dim), layer["o"], residual=h)
-            gate_up = self._linear(layer["norm_post"].forward(h), layer["gate_up"])  # (B, 2 * intermediate)
+            if native_attention:  # over the columns written so far: (B, heads * dim)
+                out = native.attention(q, layer["keys"], layer["values"], mask, upto, layer["scale"])
+            else:
+                # the heads sharing a key/value head as that head's queries: (B, kv, heads / kv, dim)
+                # over the columns written so far only: the later ones are masked for every row
+                out = F.scaled_dot_product_attention(
+                    q.view(rows, kv, heads // kv, dim), layer["keys"][:, :, :upto], layer["values"][:, :, :upto],
+                    attn_mask=allowed, scale=layer["scale"]).reshape(rows, heads * dim)
+            h = self._linear(out, layer["o"], residual=h)
+            gate_up = self._linear(self._norm(layer["norm_post"], h), layer["gate_up"])  # (B, 2 * intermediate)
             inter = layer["inter"]
             h = self._linear(layer["act"](gate_up[:, :inter]) * gate_up[:, inter:], layer["down"], residual=h)
-        return self._linear(self.norm.forward(h), self.head).float()  # (B, V)
+        return self._linear(self._norm(self.norm, h), self.head).float()  # (B, V)
+
+    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's RMSNorm of x (B, H): skinny.c's with the native products, else the module's forward."""
+        if self.native_rest:
+            return native.rmsnorm(x, norm.weight, norm.variance_epsilon)
+        return norm.forward(x)
 
     def _linear(self, x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor | None, int],
                 residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,6 +161,14 @@ class LlamaDecoder:
             return native.linear(x, weight, outputs, bias, out=residual)
         y = onednn.linear(x, weight, bias, self.dtype)
         return y if residual is None else residual + y
+
+
+def _family_rmsnorm(norm: torch.nn.Module) -> bool:
+    """Is ``norm`` transformers' RMSNorm of a :data:`FAMILY` model (weight * x / sqrt(mean(x^2) + eps), the
+    same forward in all four) with a contiguous fp32 weight?"""
+    folder = type(norm).__name__.removesuffix("RMSNorm").lower()
+    return (folder in FAMILY.values() and type(norm).__module__ == f"transformers.models.{folder}.modeling_{folder}"
+            and norm.weight.dtype == torch.float32 and norm.weight.is_contiguous())
 
 
 def _base(layer: torch.nn.Module) -> torch.nn.Linear:

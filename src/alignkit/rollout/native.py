@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("skinny.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-VERSION = 1  # skinny.c's ak_version()
+LIBS = ["-lm"]
+VERSION = 2  # skinny.c's ak_version()
 PANEL = 8  # output columns per packed panel (skinny.c's PANEL)
 # Up to this many rows the kernel beats oneDNN's prepacked product at SmolLM2's shapes; above, the
 # weights stay in cache between row blocks and oneDNN's larger register blocking wins.
@@ -57,7 +58,7 @@ def _build(target: Path, compiler: str) -> bool:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             log.info("alignkit: the native decode kernel did not build (%s); oneDNN instead:\n%s", compiler,
@@ -83,7 +84,7 @@ def library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + LIBS).encode()).hexdigest()[:16]
     target = cache_root() / "native" / key / "libalignkit_skinny.so"
     if not target.is_file() and not _build(target, compiler):
         return None
@@ -97,6 +98,10 @@ def library() -> ctypes.CDLL | None:
     p, n = ctypes.c_void_p, ctypes.c_long
     lib.ak_linear.argtypes = [p, n, n, p, p, p, n, ctypes.c_int]
     lib.ak_linear.restype = ctypes.c_int
+    lib.ak_rmsnorm.argtypes = [p, n, n, p, ctypes.c_float, p]
+    lib.ak_rmsnorm.restype = None
+    lib.ak_attention.argtypes = [p, n, n, n, n, n, p, p, n, p, n, n, ctypes.c_float, p]
+    lib.ak_attention.restype = ctypes.c_int
     return lib
 
 
@@ -133,4 +138,37 @@ def linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | N
     if library().ak_linear(x.data_ptr(), m, k, packed.data_ptr(), None if bias is None else bias.data_ptr(),
                            out.data_ptr(), n, int(accumulate)):
         raise MemoryError("native.linear: no memory for the transposed inputs")
+    return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm in fp32: x (M, H) -> weight * (x / sqrt(mean(x^2) + eps)), (M, H)."""
+    x = x.contiguous()
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != x.shape[-1:] \
+            or not weight.is_contiguous():
+        raise ValueError(f"native.rmsnorm: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    out = torch.empty_like(x)
+    library().ak_rmsnorm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, upto: int,
+              scale: float) -> torch.Tensor:
+    """One query per row over the first ``upto`` columns: q (B, heads, dim) fp32 whose last two dims are
+    contiguous (a slice of the fused q/k/v output); keys, values (B, kv, length, dim) contiguous fp32;
+    mask (B, >= upto) int64 with contiguous rows, nonzero on allowed columns. Returns
+    softmax(scale q K^T) V as (B, heads * dim), query head j on key/value head j // (heads / kv)."""
+    rows, heads, dim = q.shape
+    kv, length = keys.shape[1], keys.shape[2]
+    if q.dtype != torch.float32 or q.stride()[1:] != (dim, 1) or keys.shape != values.shape \
+            or keys.shape[0] != rows or keys.shape[3] != dim or heads % kv or not keys.is_contiguous() \
+            or not values.is_contiguous() or keys.dtype != torch.float32 or values.dtype != torch.float32 \
+            or mask.dtype != torch.long or mask.shape[0] != rows or mask.stride(1) != 1 \
+            or not 0 < upto <= min(length, mask.shape[1]):
+        raise ValueError(f"native.attention: q {tuple(q.shape)} {q.stride()}, keys {tuple(keys.shape)}, "
+                         f"mask {tuple(mask.shape)} {mask.dtype}, upto {upto}")
+    out = torch.empty(rows, heads * dim)
+    if library().ak_attention(q.data_ptr(), rows, heads, kv, dim, q.stride(0), keys.data_ptr(), values.data_ptr(),
+                              length, mask.data_ptr(), mask.stride(0), upto, scale, out.data_ptr()):
+        raise MemoryError("native.attention: no memory for the scores")
     return out

@@ -1,4 +1,6 @@
-/* Products of a few rows with a large weight, for decoding on x86-64 CPUs with AVX2 and FMA.
+/* A decoding step's kernels for x86-64 CPUs with AVX2 and FMA: products of a few rows with a large
+ * weight (ak_linear), and the family's RMSNorm and one-query attention (ak_rmsnorm, ak_attention, at
+ * the end), which replace ~10 torch calls each per layer.
  *
  *   y (M, N) = x (M, K) W^T + b        (accumulate = 0)
  *   y (M, N) += x (M, K) W^T + b       (accumulate = 1: a residual stream updated in place)
@@ -16,6 +18,7 @@
  */
 #include <immintrin.h>
 #include <stddef.h>
+#include <math.h>
 #include <stdlib.h>
 
 #define PANEL 8
@@ -100,5 +103,73 @@ int ak_linear(const float *x, long M, long K, const float *wp, const float *bias
     return 0;
 }
 
+/* The rest of a decoding step, for the rows of a few sequences (alignkit.rollout.llama_decode).
+ *
+ * ak_rmsnorm: out (M, H) = w * (x * 1 / sqrt(mean(x^2) + eps)), transformers' LlamaRMSNorm (and
+ * Mistral's, Qwen2's, Qwen3's) in fp32; the mean of squares summed in double, then rounded, as exact
+ * as fp32 allows (torch sums in fp32 lanes: the two differ by rounding). */
+void ak_rmsnorm(const float *x, long M, long H, const float *w, float eps, float *out) {
+    for (long m = 0; m < M; m++) {
+        const float *xm = x + m * H;
+        double squares = 0.0;
+        for (long h = 0; h < H; h++) squares += (double)xm[h] * xm[h];
+        const float inv = 1.0f / sqrtf((float)(squares / H) + eps);
+        for (long h = 0; h < H; h++) out[m * H + h] = w[h] * (xm[h] * inv);
+    }
+}
+
+static inline float dot(const float *restrict a, const float *restrict b, const long n) {
+    __m256 acc = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float lanes[8], sum = 0.0f;
+    _mm256_storeu_ps(lanes, acc);
+    for (int l = 0; l < 8; l++) sum += lanes[l];
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+/* ak_attention: one query position per row against the first ``upto`` columns of its keys and values.
+ *   q      (B, heads, dim), row b at q + b * q_stride (the queries of a fused q/k/v output)
+ *   keys, values (B, kv, length, dim); query head j reads key/value head j / (heads / kv)
+ *   mask   (B, mask_stride) int64, nonzero on the columns row b attends to
+ *   out    (B, heads * dim) = softmax(scale * q K^T over the allowed columns) V, as scaled dot-product
+ *          attention computes it (a row with no allowed column gets zeros: such a row is finished and
+ *          its output never read). Returns 0, or -1 without memory for the scores. */
+int ak_attention(const float *q, long B, long heads, long kv, long dim, long q_stride, const float *keys,
+                 const float *values, long length, const long *mask, long mask_stride, long upto, float scale,
+                 float *out) {
+    float *scores = malloc(sizeof(float) * B * heads * upto);
+    if (!scores) return -1;
+    const long group = heads / kv;
+#pragma omp parallel for schedule(static)
+    for (long task = 0; task < B * heads; task++) {
+        const long b = task / heads, j = task % heads;
+        const float *qj = q + b * q_stride + j * dim;
+        const float *k0 = keys + ((b * kv + j / group) * length) * dim;
+        const float *v0 = values + ((b * kv + j / group) * length) * dim;
+        const long *allowed = mask + b * mask_stride;
+        float *s = scores + task * upto, top = -INFINITY;
+        for (long c = 0; c < upto; c++) {
+            s[c] = allowed[c] ? scale * dot(qj, k0 + c * dim, dim) : -INFINITY;
+            if (s[c] > top) top = s[c];
+        }
+        float *o = out + b * heads * dim + j * dim;
+        for (long d = 0; d < dim; d++) o[d] = 0.0f;
+        if (top == -INFINITY) continue;
+        float total = 0.0f;
+        for (long c = 0; c < upto; c++) {
+            if (!allowed[c]) continue;
+            const float p = expf(s[c] - top);
+            total += p;
+            const float *vc = v0 + c * dim;
+            for (long d = 0; d < dim; d++) o[d] += p * vc[d];
+        }
+        for (long d = 0; d < dim; d++) o[d] /= total;
+    }
+    free(scores);
+    return 0;
+}
+
 /* The ABI version the Python side checks, so a stale cached build is never called with new arguments. */
-int ak_version(void) { return 1; }
+int ak_version(void) { return 2; }
